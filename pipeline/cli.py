@@ -9,3 +9,14 @@ import click
 @click.version_option(package_name="saeforge")
 def main():
     """saeforge: harvest LM activations into Zarr stores, train baseline and Gated SAEs, evaluate them."""
+
+from saeforge.trainer.cli import train, sweep  # noqa: E402
+main.add_command(train); main.add_command(sweep)
+from saeforge.pipeline.cli_harvest import harvest  # noqa: E402
+main.add_command(harvest)
+
+from saeforge.stores.cli import store  # noqa: E402
+
+main.add_command(store)
+from saeforge.pipeline.cli_eval import eval_cmd, plot  # noqa: E402
+main.add_command(eval_cmd, name="eval"); main.add_command(plot)

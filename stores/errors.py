@@ -1,0 +1,33 @@
+"""The store's error hierarchy. Every message carries the store path and the values involved."""
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class for everything that can go wrong with an activation store."""
+
+
+class StoreNotFound(StoreError):
+    """No store at the path (nothing there, or something that is not a saeforge store)."""
+
+
+class SchemaMismatch(StoreError):
+    """The store's format version or configuration differs from what the caller expects."""
+
+
+class StoreIncomplete(StoreError):
+    """The store's writer has not finished (crashed or still running); it can be resumed."""
+
+
+class ChecksumError(StoreError):
+    """A chunk's stored crc32c does not match its bytes: the data on disk is corrupt."""
+
+
+class StoreLocked(StoreError):
+    """Another live writer holds the store's lock."""
+
+
+class HookNotInStore(StoreError, KeyError):
+    """A requested hook point is not one of the store's arrays."""
+
+    def __str__(self):  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else ""

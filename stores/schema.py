@@ -1,0 +1,113 @@
+"""Format version 1 of the store: layout, dtypes, codecs, attribute names, and where the store lives.
+
+Layout of a store (one Zarr v3 group)::
+
+    <store>/zarr.json                 group attributes (see ``ATTRS_DOC``), completion record last
+    <store>/<hook>/                   (rows, d) array per hook point; bfloat16 stored as its uint16 bit pattern
+    <store>/token_ids, seq_idx, pos   (rows,) arrays aligned with the hooks row for row
+    <store>/.saeforge/                writer state while incomplete (lock, progress, staged buckets)
+
+Codecs (measured by ``scripts/bench_codecs.py`` on SmolLM2 residual activations): byte-shuffle + zstd(1)
+inside blosc, then crc32c, inside a sharding codec so a 10^9-row store is ~10^4 files per hook.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+FORMAT_VERSION = 1
+DTYPES = ("float32", "float16", "bfloat16")
+STORAGE_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+META_ARRAYS = {"token_ids": np.int32, "seq_idx": np.int64, "pos": np.int32}
+"""1-D arrays aligned with the hooks: token id, index of the source sequence, position inside it."""
+STATE_DIR = ".saeforge"
+CHUNK_TARGET_BYTES = 2 << 20
+"""~2 MiB of uncompressed data per chunk: large sequential reads, ~1-3 ms to decode on one core."""
+SHARD_CHUNKS = 32
+"""Chunks per shard file: 65k rows x 576 bf16 = 75 MiB per file, ~15k files per hook for 10^9 rows."""
+ATTRS_DOC = (
+    "saeforge activation store. Arrays: one (rows, d) array per hook point plus token_ids/seq_idx/pos "
+    "aligned row for row; rows are a uniform random permutation of the harvested tokens. Arrays whose "
+    "logical_dtype is bfloat16 hold the uint16 bit pattern: fp32 = (uint32(x) << 16).view(float32)."
+)
+
+
+def bf16_bits_to_fp32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bit patterns -> float32 (exact)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def fp32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, round to nearest even (what torch does); NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
+def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Logical float rows -> the array's storage representation."""
+    if dtype == "bfloat16":
+        return x if x.dtype == np.uint16 else fp32_to_bf16_bits(x)
+    with np.errstate(over="ignore"):  # overflow to inf is checked (and refused) by the writer
+        return np.ascontiguousarray(x, dtype=STORAGE_DTYPE[dtype])
+
+
+def to_float64(x: np.ndarray, dtype: str) -> np.ndarray:
+    return bf16_bits_to_fp32(x).astype(np.float64) if dtype == "bfloat16" else x.astype(np.float64)
+
+
+def chunk_rows_for(d_max: int, itemsize: int) -> int:
+    """Rows per chunk: the power of two whose widest-hook chunk is closest to CHUNK_TARGET_BYTES."""
+    rows = CHUNK_TARGET_BYTES / max(1, d_max * itemsize)
+    return int(min(1 << 16, max(256, 2 ** round(np.log2(rows)))))
+
+
+def codecs_for(dtype: str) -> dict:
+    """zarr.create_array keyword arguments for a hook array of this logical dtype."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    itemsize = np.dtype(STORAGE_DTYPE[dtype]).itemsize
+    return {"compressors": [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=itemsize), Crc32cCodec()]}
+
+
+def meta_codecs(np_dtype) -> dict:
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    itemsize = np.dtype(np_dtype).itemsize
+    return {"compressors": [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=itemsize), Crc32cCodec()]}
+
+
+class Location(NamedTuple):
+    """Where a store lives: an fsspec filesystem and the group's root path inside it."""
+
+    url: str
+    fs: object
+    root: str
+    is_local: bool
+
+    def zarr_store(self, read_only: bool = False):
+        from zarr.storage import FsspecStore, LocalStore
+
+        if self.is_local:
+            return LocalStore(self.root, read_only=read_only)
+        return FsspecStore.from_url(self.url, read_only=read_only)
+
+    def sub(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+
+def locate(path_or_url) -> Location:
+    """Local path (str or PathLike) or fsspec URL (``memory://``, ``s3://``, ...) -> Location."""
+    import fsspec
+
+    text = os.fspath(path_or_url)
+    if "://" in text and not text.startswith("file://"):
+        fs, root = fsspec.core.url_to_fs(text)
+        return Location(text.rstrip("/"), fs, root.rstrip("/"), False)
+    local = os.path.abspath(text.removeprefix("file://"))
+    return Location(local, fsspec.filesystem("file"), local, True)

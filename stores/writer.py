@@ -1,0 +1,229 @@
+"""StoreWriter: rows in arrival order in, a globally shuffled, compressed, crash-safe store out.
+
+Life of a store: ``staging`` (rows scattered to bucket files under ``.saeforge/stage``; each flush is
+committed by atomically replacing ``.saeforge/progress.json``) -> ``writing`` (buckets permuted and
+written shard by shard; each shard committed the same way, with the float64 statistics accumulated so
+far) -> completion record in the group attributes, written last. A run killed at any point and reopened
+with the same config resumes from the last commit; the producer skips ``rows_staged`` rows.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from saeforge.stores import schema
+from saeforge.stores.errors import SchemaMismatch, StoreError
+from saeforge.stores.layout import WriterSpec, read_group_attrs, write_group_attrs
+from saeforge.stores.shuffle import ShuffleContext, Stager, iter_shuffled
+from saeforge.stores.staging import acquire_lock, read_counts, read_json, release_lock, write_json_atomic
+from saeforge.stores.stats import StatsAccumulator
+
+
+class StoreWriter:
+    """Append rows for every hook (plus token ids) in stream order; ``close()`` shuffles and finalises.
+
+    ``rows_staged``: rows an interrupted earlier run already committed; regenerate the same stream and
+    skip that many rows before appending. Use as a context manager: an exception leaves the store
+    incomplete and resumable, never complete.
+    """
+
+    def __init__(self, path_or_url, hooks: dict[str, int], dtype: str = "bfloat16", seed: int = 0,
+                 expected_rows: int | None = None, provenance: dict | None = None,
+                 memory_limit_bytes: int = 1 << 30, chunk_rows: int | None = None,
+                 shard_chunks: int = schema.SHARD_CHUNKS, progress: bool = False):
+        self.spec = WriterSpec.build(hooks=hooks, dtype=dtype, seed=seed, expected_rows=expected_rows,
+                                     provenance=provenance or {}, memory_limit_bytes=memory_limit_bytes,
+                                     chunk_rows=chunk_rows, shard_chunks=shard_chunks)
+        self.loc = schema.locate(path_or_url)
+        self.progress_bar = progress
+        self._state_dir = self.loc.sub(schema.STATE_DIR)
+        self._lock = f"{self._state_dir}/lock"
+        self._closed = False
+        self._open_or_create()
+
+    # --- opening -------------------------------------------------------------------------------------
+    def _open_or_create(self) -> None:
+        fs, loc = self.loc.fs, self.loc
+        attrs = read_group_attrs(loc)
+        if attrs is None and fs.exists(loc.root) and set(_names(fs, loc.root)) - {schema.STATE_DIR}:
+            raise StoreError(f"{loc.url} exists and is not a saeforge store; choose an empty or new path")
+        if attrs is not None:
+            if "saeforge_format_version" not in attrs:
+                raise StoreError(f"{loc.url} is a zarr group but not a saeforge store; refusing to write there")
+            if attrs.get("complete"):
+                raise StoreError(f"{loc.url} is already a complete store ({attrs.get('n_rows')} rows); "
+                                 "delete it or choose another path to write a new one")
+        fs.makedirs(f"{self._state_dir}/stage", exist_ok=True)
+        acquire_lock(loc, self._lock)
+        attrs = read_group_attrs(loc)  # again, under the lock: a writer may have finished meanwhile
+        if attrs and attrs.get("complete"):
+            release_lock(loc, self._lock)
+            raise StoreError(f"{loc.url} is already a complete store; delete it or choose another path")
+        try:
+            self._progress = read_json(loc, self._progress_path) if attrs is not None else None
+            if attrs is not None:
+                self._check_same_config(attrs.get("writer_config", {}))
+            else:
+                write_group_attrs(loc, self.spec.initial_attrs())
+            if self._progress is None:
+                self._progress = {"phase": "staging", "n_files": 0, "rows_staged": 0}
+                self._commit()
+        except BaseException:
+            release_lock(loc, self._lock)
+            raise
+        self._stager = self._make_stager()
+
+    def _check_same_config(self, stored: dict) -> None:
+        mine = self.spec.config_dict()
+        diff = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
+        if diff:
+            detail = "; ".join(f"{k}: store has {stored.get(k)!r}, writer has {mine.get(k)!r}" for k in diff)
+            raise SchemaMismatch(f"{self.loc.url} is an incomplete store written with another config "
+                                 f"({detail}); resume with the same settings or write to a new path")
+
+    @property
+    def _progress_path(self) -> str:
+        return f"{self._state_dir}/progress.json"
+
+    def _commit(self) -> None:
+        write_json_atomic(self.loc, self._progress_path, self._progress)
+
+    def _ctx(self) -> ShuffleContext:
+        s = self.spec
+        return ShuffleContext(self.loc, s.fields(), s.seed, s.stage_rows, s.bucket_max_rows,
+                              f"{self._state_dir}/sub")
+
+    def _make_stager(self) -> Stager:
+        def on_flush(sf):
+            self._progress.update(n_files=self._progress["n_files"] + 1,
+                                  rows_staged=self._progress["rows_staged"] + sf.n_rows)
+            self._commit()
+
+        return Stager(self._ctx(), f"{self._state_dir}/stage", self.spec.n_buckets, (0,),
+                      next_index=self._progress["rows_staged"], n_files=self._progress["n_files"],
+                      on_flush=on_flush)
+
+    # --- appending -----------------------------------------------------------------------------------
+    @property
+    def rows_staged(self) -> int:
+        """Rows durably committed by this and earlier runs (the producer skips this many on resume)."""
+        return int(self._progress["rows_staged"])
+
+    @property
+    def rows_appended(self) -> int:
+        """Rows received so far, including those still buffered in memory."""
+        return self._stager.next_index + self._stager._rows
+
+    def append(self, acts: dict, token_ids=None, seq_idx=None, pos=None) -> None:
+        """Add rows: ``acts[hook]`` is (rows, d) (numpy or torch); the 1-D arrays are (rows,)."""
+        if self._closed:
+            raise StoreError(f"writer for {self.loc.url} is closed")
+        data = self.spec.convert_batch(acts, token_ids=token_ids, seq_idx=seq_idx, pos=pos)
+        if not data:
+            return
+        if self._progress["phase"] != "staging":
+            raise StoreError(f"{self.loc.url}: all rows were already staged by an earlier run "
+                             f"({self.rows_staged}); skip them and call close() to finish")
+        self._stager.add(data)
+
+    # --- finishing -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Flush, shuffle, write the final arrays and statistics, then the completion record (last)."""
+        if self._closed:
+            return
+        try:
+            if self._progress["phase"] == "staging":
+                self._stager.flush()
+                self._start_writing()
+            if self._progress["rows_written"] < self._progress["n_rows"]:
+                self._write_rows()
+            self._complete()
+        finally:
+            self._closed = True
+            release_lock(self.loc, self._lock)
+
+    def abort(self) -> None:
+        """Stop without finishing: the store stays incomplete and resumable."""
+        if not self._closed:
+            self._closed = True
+            release_lock(self.loc, self._lock)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.abort() if exc_type else self.close()
+
+    def _staged_files(self):
+        return [read_counts(self.loc, f"{self._state_dir}/stage/f{i:07d}.bin", self.spec.n_buckets)
+                for i in range(self._progress["n_files"])]
+
+    def _start_writing(self) -> None:
+        n_rows = self._progress["rows_staged"]
+        if n_rows == 0:
+            raise StoreError(f"{self.loc.url}: no rows were appended; nothing to write")
+        from saeforge.stores.layout import create_arrays
+
+        create_arrays(self.loc, self.spec, n_rows)
+        acc = StatsAccumulator.empty(self.spec.hooks)
+        self._progress.update(phase="writing", n_rows=n_rows, rows_written=0, stats_acc=acc.to_json())
+        self._commit()
+
+    def _write_rows(self) -> None:
+        import zarr
+
+        p, spec = self._progress, self.spec
+        group = zarr.open_group(self.loc.zarr_store(), mode="r+")
+        arrays = {f.name: group[f.name] for f in spec.fields()}
+        acc = StatsAccumulator.from_json(p["stats_acc"])
+        pending, n_pending = [], 0
+        stream = iter_shuffled(self._ctx(), self._staged_files(), spec.n_buckets, (0,), p["rows_written"])
+        bar = _bar(p["n_rows"], p["rows_written"], self.progress_bar)
+        for block in stream:
+            pending.append(block)
+            n_pending += len(block["token_ids"])
+            while n_pending >= spec.shard_rows or (n_pending and p["rows_written"] + n_pending == p["n_rows"]):
+                take = min(n_pending, spec.shard_rows)
+                merged = {k: np.concatenate([b[k] for b in pending]) for k in arrays}
+                shard = {k: v[:take] for k, v in merged.items()}
+                pending = [{k: v[take:] for k, v in merged.items()}]
+                n_pending -= take
+                self._write_shard(arrays, shard, acc, take)
+                bar and bar.update(take)
+        bar and bar.close()
+        if p["rows_written"] != p["n_rows"]:
+            raise StoreError(f"{self.loc.url}: wrote {p['rows_written']} of {p['n_rows']} rows; staging is damaged")
+
+    def _write_shard(self, arrays, shard, acc, take) -> None:
+        p = self._progress
+        lo = p["rows_written"]
+        for name, arr in arrays.items():
+            arr[lo : lo + take] = shard[name]
+        acc.add({h: shard[h] for h in self.spec.hooks}, self.spec.dtype)
+        p.update(rows_written=lo + take, stats_acc=acc.to_json())
+        self._commit()
+
+    def _complete(self) -> None:
+        p = self._progress
+        stats = StatsAccumulator.from_json(p["stats_acc"]).finish(self.spec.hooks, p["n_rows"])
+        if self.loc.fs.exists(f"{self._state_dir}/stage"):
+            self.loc.fs.rm(f"{self._state_dir}/stage", recursive=True)
+        attrs = self.spec.initial_attrs()  # no timestamps: same seed + same input = bit-identical store
+        attrs.update(n_rows=p["n_rows"], stats=stats,
+                     complete={"rows": p["n_rows"], "format_version": schema.FORMAT_VERSION})
+        write_group_attrs(self.loc, attrs)  # the completion record: the last write of the store
+        self.loc.fs.rm(self._progress_path)
+
+
+def _names(fs, root):
+    return [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)]
+
+
+def _bar(total, done, enabled):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="row", desc="shuffle+write", file=sys.stderr)
+

@@ -1,0 +1,103 @@
+"""pipeline.data: sources, packing, the held-out split and the kept-position rule."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from saeforge.pipeline.data import (DatasetError, WindowRules, all_windows, describe_dataset, heldout_windows,
+                                    iter_documents, kept_positions, pack_windows, text_provenance,
+                                    token_stream, train_windows)
+
+WORDS = "to be or not that is the question whether tis nobler in mind suffer slings and arrows".split()
+_rng = np.random.default_rng(0)
+LINES = [" ".join(_rng.choice(WORDS, 12)) for _ in range(60)]  # no repeated runs: overlap means a leak
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    (tmp_path / "a.txt").write_text("\n".join(LINES[:30]))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(LINES[30:])))
+    return tmp_path
+
+
+def test_pack_windows_prepends_bos_and_keeps_the_stream_in_order():
+    chunks = [np.arange(10, 17), np.arange(17, 40)]
+    wins = list(pack_windows(iter(chunks), WindowRules(context_size=8), bos_id=1))
+    assert len(wins) == 30 // 7 and all(w.shape == (8,) and w.dtype == np.int64 for w in wins)
+    assert all(w[0] == 1 for w in wins)
+    assert np.array_equal(np.concatenate([w[1:] for w in wins]), np.arange(10, 10 + 7 * len(wins)))
+    nobos = list(pack_windows(iter(chunks), WindowRules(context_size=8, prepend_bos=False), bos_id=1))
+    assert np.array_equal(np.concatenate(nobos), np.arange(10, 10 + 8 * len(nobos)))
+
+
+def test_token_stream_separates_documents_with_eos(tok):
+    docs = list(token_stream(iter(["to be", "or not"]), tok))
+    assert [d[-1] for d in docs] == [tok.eos_token_id] * 2
+    assert docs[0][:-1].tolist() == tok("to be", add_special_tokens=False).input_ids
+
+
+def test_local_sources_read_txt_jsonl_parquet_and_globs(corpus, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": LINES[:5]}), tmp_path / "c.parquet")
+    rec = describe_dataset(str(corpus / "*.txt"))
+    assert rec["kind"] == "local" and len(rec["files"]) == 1 and len(rec["files"][0]["sha256"]) == 64
+    assert list(iter_documents(describe_dataset(str(corpus / "b.jsonl")))) == LINES[30:]
+    assert list(iter_documents(describe_dataset(str(tmp_path / "c.parquet"), text_column="body"))) == LINES[:5]
+    assert len(describe_dataset(str(corpus))["files"]) == 3  # a directory: every supported file, sorted
+
+
+@pytest.mark.parametrize("spec, match", [("/nowhere/*.txt", "no .txt/.jsonl/.parquet files"),
+                                         ("/nowhere/x.jsonl", "no .txt/.jsonl/.parquet files")])
+def test_missing_local_sources_are_rejected(spec, match):
+    with pytest.raises(DatasetError, match=match):
+        describe_dataset(spec)
+
+
+def test_missing_column_is_named(corpus):
+    with pytest.raises(DatasetError, match="no column 'body' \\(has text, id\\)"):
+        list(iter_documents(describe_dataset(str(corpus / "b.jsonl"), text_column="body")))
+
+
+def test_hf_names_are_described_not_opened():
+    rec = describe_dataset("org/corpus:en@abc123", split="validation", text_column="content")
+    assert rec == {"spec": "org/corpus:en@abc123", "kind": "hf", "name": "org/corpus", "config": "en",
+                   "revision": "abc123", "split": "validation", "text_column": "content"}
+
+
+def test_heldout_windows_are_disjoint_from_train_windows_and_regenerate_from_provenance(corpus, tok):
+    rules = WindowRules(context_size=16, heldout_every=4)
+    rec = describe_dataset(str(corpus))
+    everything = list(all_windows(rec, tok, rules))
+    train = list(train_windows(rec, tok, rules))
+    prov = json.loads(json.dumps(text_provenance(rec, tok, rules)))  # as stored: plain JSON
+    held = list(heldout_windows(prov, tok))
+    assert len(everything) >= 20 and len(held) == len(everything) // 4
+    assert {i for i, _ in train}.isdisjoint(i for i, _ in everything if i % 4 == 3)
+    assert len(train) + len(held) == len(everything)
+    assert all(np.array_equal(h, everything[4 * k + 3][1]) for k, h in enumerate(held))
+    # no held-out token run (a window body) occurs inside any harvested window
+    train_text = {tuple(w[1:].tolist()) for _, w in train}
+    assert not any(tuple(h[1:].tolist()) in train_text for h in held)
+
+
+def test_kept_positions_excludes_special_tokens_by_default(tok):
+    prov = text_provenance(describe_dataset("x/y"), tok, WindowRules(context_size=4))
+    assert prov["special_token_rule"] == "exclude" and tok.bos_token_id in prov["special_token_ids"]
+    tokens = torch.tensor([[tok.bos_token_id, 40, tok.eos_token_id, 41]])
+    assert kept_positions(tokens, prov).tolist() == [[False, True, False, True]]
+    assert kept_positions(tokens, {**prov, "special_token_rule": "keep"}).all()
+
+
+def test_window_rules_validate_all_fields():
+    with pytest.raises(ValueError, match="context_size must be >= 2.*heldout_every must be >= 2"):
+        WindowRules(context_size=1, heldout_every=1)

@@ -1,0 +1,292 @@
+"""Training many SAEs on the same batches: `SweepTrainer` (state + one optimiser step) and `fit` (the loop).
+
+SAEs whose `SAEConfig.group_key()` match are stacked into one module and trained with batched matmuls; a run
+of one SAE is a stack of one, so a sweep of K and K single runs execute the same code. Each SAE draws its
+initial weights and its resampling choices from generators seeded by its own seed only.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Iterable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from saeforge.trainer.config import SAEConfig, TrainConfig
+from saeforge.trainer.losses import recon_scale, sae_loss, squared_error
+from saeforge.trainer.optim import (StackAdam, normalize_decoder_, project_decoder_grad_, resample_multiplier,
+                                    warmup_multiplier)
+from saeforge.trainer.resample import resample_features_
+from saeforge.trainer.sae import SAE, init_sae_, load_into_stack_, make_sae, unstack
+
+RESAMPLE_SEED_OFFSET = 0x5EED
+
+
+class StepStats(NamedTuple):
+    """Sums over one batch, one entry per SAE of the sweep (in sweep order); tensors, no host sync."""
+    l_recon: Tensor
+    l_sparsity: Tensor
+    l_aux: Tensor
+    l0: Tensor
+    """Mean count of f > 0 per row."""
+    sse: Tensor
+    """Sum over rows of ||x - x_hat||^2."""
+    xhat_sq: Tensor
+    """Sum over rows of ||x_hat||^2."""
+    x_dot_xhat: Tensor
+    """Sum over rows of x . x_hat."""
+
+
+class _Group:
+    """SAEs of one shape trained as one stacked module with one StackAdam."""
+
+    def __init__(self, cfgs: list[SAEConfig], indices: list[int], d_in: int, train: TrainConfig,
+                 device: torch.device, dtype: torch.dtype, b_dec: Tensor | None, mean_sq_norm: float):
+        first, K = cfgs[0], len(cfgs)
+        self.cfgs, self.indices = cfgs, indices
+        self.sae = make_sae(first.arch, d_in, first.d_sae, n_stack=K, dtype=dtype,
+                            tie_weights=first.tie_weights, use_r_mag=first.use_r_mag)
+        init_sae_(self.sae, [c.seed for c in cfgs], b_dec)
+        self.sae.to(device)
+        self.adam = StackAdam(dict(self.sae.named_parameters()), train.adam_betas, train.adam_eps)
+        self.l1 = torch.tensor([c.l1_coefficient for c in cfgs], dtype=torch.float64)
+        self.lr = torch.tensor([c.lr for c in cfgs], dtype=torch.float64)
+        self.recon_scale = recon_scale(train.loss_scaling, first.arch, d_in, mean_sq_norm)
+        self.unit_norm = first.unit_norm_decoder
+        self.loss_kw = dict(recon_scale=self.recon_scale, weight_l1_by_decoder_norm=not self.unit_norm,
+                            **({"freeze_aux_decoder": first.frozen_aux} if first.arch == "gated" else {}))
+        self.steps_since_fired = torch.zeros(K, first.d_sae, dtype=torch.long, device=device)
+        self.last_resample = torch.full((K,), -(10 ** 9), dtype=torch.long)
+        self.generators = [torch.Generator().manual_seed(c.seed + RESAMPLE_SEED_OFFSET) for c in cfgs]
+        self.index = torch.tensor(indices, device=device)
+
+    def loss(self, x: Tensor, l1_mult: float):
+        l1 = (self.l1 * l1_mult).to(device=x.device, dtype=self.sae.W_dec.dtype)
+        return sae_loss(self.sae, x, l1, **self.loss_kw)
+
+
+class SweepTrainer:
+    """K SAEs of any mix of architecture, width, lambda, lr and seed, trained on the same batches.
+
+    Inputs given to `train_step`/`resample` are in the training scale (the caller multiplies by the store's
+    scale). `b_dec` (d_in,) initialises every decoder bias (e.g. the data mean in training scale) and
+    `mean_sq_norm` is E||x||^2 in training scale (for the paper's baseline loss scaling)."""
+
+    def __init__(self, saes: list[SAEConfig], train: TrainConfig, d_in: int, *, b_dec: Tensor | None = None,
+                 mean_sq_norm: float | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.saes, self.train, self.d_in = list(saes), train, d_in
+        self.device, self.dtype = torch.device(device), dtype
+        self.step = 0
+        keys: dict[tuple, list[int]] = {}
+        for i, cfg in enumerate(self.saes):
+            keys.setdefault(cfg.group_key(), []).append(i)
+        msn = float(d_in) if mean_sq_norm is None else mean_sq_norm
+        self.groups = [_Group([self.saes[i] for i in idx], idx, d_in, train, self.device, dtype, b_dec, msn)
+                       for idx in keys.values()]
+
+    def _autocast(self):
+        if self.train.autocast == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def lr_multipliers(self, group: _Group) -> Tensor:
+        """Per-SAE LR multiplier at the current step: warm-up x the post-resample cosine."""
+        since = self.step - group.last_resample
+        post = resample_multiplier(since, self.train.resample_lr_floor, self.train.resample_lr_steps)
+        return warmup_multiplier(self.step, self.train.lr_warmup_steps) * post
+
+    def train_step(self, x: Tensor) -> StepStats:
+        """One optimiser step of every SAE on x (rows, d_in); returns this batch's per-SAE sums."""
+        n = len(self.saes)
+        out = {name: torch.zeros(n, device=self.device, dtype=torch.float64) for name in StepStats._fields}
+        l1_mult = warmup_multiplier(self.step, self.train.l1_warmup_steps)
+        for g in self.groups:
+            with self._autocast():
+                res = g.loss(x, l1_mult)
+            res.loss.backward()
+            if g.unit_norm:
+                project_decoder_grad_(g.sae.W_dec)
+            lr = (g.lr * self.lr_multipliers(g)).to(self.device, g.sae.W_dec.dtype)
+            g.adam.step(lr)
+            g.adam.zero_grad()
+            if g.unit_norm:
+                normalize_decoder_(g.sae.W_dec)
+            with torch.no_grad():
+                self._record(g, x, res, out)
+        self.step += 1
+        return StepStats(**out)
+
+    @staticmethod
+    def _record(g: _Group, x: Tensor, res, out: dict[str, Tensor]) -> None:
+        active = res.f > 0
+        g.steps_since_fired += 1
+        g.steps_since_fired.masked_fill_(active.any(-2), 0)
+        x_hat, xf = res.x_hat.float(), x.float()
+        vals = dict(l_recon=res.l_recon, l_sparsity=res.l_sparsity, l_aux=res.l_aux,
+                    l0=active.sum(-1).double().mean(-1), sse=squared_error(xf, x_hat).sum(-1),
+                    xhat_sq=x_hat.pow(2).sum(-1).sum(-1), x_dot_xhat=(x_hat * xf).sum(-1).sum(-1))
+        for name, v in vals.items():
+            out[name].index_copy_(0, g.index, v.detach().double().reshape(-1))
+
+    def resample_due(self) -> bool:
+        """Whether the step just completed is a resampling step."""
+        every = self.train.resample_every
+        return every > 0 and self.step % every == 0 and self.step <= self.train.resample_stop
+
+    def resample_batches(self) -> int:
+        return -(-self.train.resample_rows // self.train.batch_rows)
+
+    @torch.no_grad()
+    def resample(self, batches: list[Tensor]) -> dict[int, int]:
+        """Resample each SAE's dead features (not fired for `dead_steps` steps) using `batches` as the scored
+        inputs; returns {sae index: features resampled} for the SAEs that changed."""
+        done: dict[int, int] = {}
+        dead_steps = self.train.dead_steps
+        for g in self.groups:
+            dead = g.steps_since_fired >= dead_steps
+            if not dead.any():
+                continue
+            inputs = torch.cat(batches)
+            with self._autocast():
+                sq_err = torch.cat([squared_error(b, g.sae(b)).float() for b in batches], dim=-1)
+            for k in range(len(g.cfgs)):
+                if dead[k].any():
+                    n = resample_features_(g.sae, k, dead[k], inputs, sq_err[k], g.generators[k], g.adam).n_resampled
+                    g.steps_since_fired[k][dead[k]] = 0
+                    g.last_resample[k] = self.step
+                    done[g.indices[k]] = n
+        return done
+
+    def _locate(self, i: int) -> tuple[_Group, int]:
+        for g in self.groups:
+            if i in g.indices:
+                return g, g.indices.index(i)
+        raise IndexError(i)
+
+    def sae(self, i: int) -> SAE:
+        """SAE number `i` (sweep order) as a plain one-SAE module in training scale (a copy)."""
+        g, k = self._locate(i)
+        return unstack(g.sae, k)
+
+    def dead_fraction(self, i: int) -> float:
+        g, k = self._locate(i)
+        return float((g.steps_since_fired[k] >= self.train.dead_steps).double().mean())
+
+    def lr_now(self, i: int) -> float:
+        g, k = self._locate(i)
+        return float(g.lr[k] * self.lr_multipliers(g)[k])
+
+    def l1_now(self, i: int) -> float:
+        return self.saes[i].l1_coefficient * warmup_multiplier(self.step, self.train.l1_warmup_steps)
+
+    def sae_state(self, i: int) -> dict:
+        """Everything SAE `i` needs to resume: weights, Adam moments, resampling state, generator."""
+        g, k = self._locate(i)
+        one = lambda d: {n: t[k].detach().cpu().clone() for n, t in d.items()}  # noqa: E731
+        return {"step": self.step, "weights": one(g.sae.state_dict()), "exp_avg": one(g.adam.exp_avg),
+                "exp_avg_sq": one(g.adam.exp_avg_sq), "adam_t": g.adam.t,
+                "steps_since_fired": g.steps_since_fired[k].cpu().clone(),
+                "last_resample": int(g.last_resample[k]), "generator": g.generators[k].get_state()}
+
+    @torch.no_grad()
+    def load_sae_state(self, i: int, state: dict) -> None:
+        g, k = self._locate(i)
+        load_into_stack_(g.sae, k, state["weights"])
+        for mine, theirs in ((g.adam.exp_avg, state["exp_avg"]), (g.adam.exp_avg_sq, state["exp_avg_sq"])):
+            for n, t in mine.items():
+                t[k].copy_(theirs[n])
+        g.adam.t = state["adam_t"]
+        g.steps_since_fired[k].copy_(state["steps_since_fired"])
+        g.last_resample[k] = state["last_resample"]
+        g.generators[k].set_state(state["generator"])
+        self.step = state["step"]
+
+
+class Metrics:
+    """Accumulates StepStats over a logging window and turns them into one dict per SAE."""
+
+    def __init__(self, trainer: SweepTrainer, input_scale: float = 1.0):
+        self.trainer, self.input_scale = trainer, input_scale
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.rows = self.steps = 0
+        self.x_var = 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, stats: StepStats, x: Tensor) -> None:
+        for name, v in stats._asdict().items():
+            self.sums[name] = self.sums.get(name, 0) + v
+        xf = x.float()
+        self.x_var = self.x_var + (xf - xf.mean(0)).pow(2).sum().double()
+        self.rows += x.shape[0]
+        self.steps += 1
+
+    def flush(self, wait_s: float = 0.0) -> list[dict]:
+        """One dict per SAE for the window since the last flush; then reset."""
+        if not self.steps:
+            return []
+        s = {k: v.cpu().tolist() for k, v in self.sums.items()}
+        x_var = float(self.x_var)
+        wall = max(time.perf_counter() - self.t0, 1e-9)
+        t, rows, n_in = self.trainer, self.rows, self.trainer.d_in
+        out = []
+        for i in range(len(t.saes)):
+            l_recon, l_sp, l_aux = (s[k][i] / self.steps for k in ("l_recon", "l_sparsity", "l_aux"))
+            xx, xh = s["xhat_sq"][i], s["x_dot_xhat"][i]
+            out.append({
+                "step": t.step, "loss": l_recon + l_sp + l_aux, "l_recon": l_recon, "l_sparsity": l_sp,
+                "l_aux": l_aux, "l0": s["l0"][i] / self.steps,
+                "mse": s["sse"][i] / (rows * n_in * self.input_scale ** 2),
+                "explained_variance": 1 - s["sse"][i] / max(x_var, 1e-30),
+                "gamma": xx / xh if xh else float("nan"),  # PAPER Eq. 10, a ratio of window means
+                "dead_fraction": t.dead_fraction(i), "lr": t.lr_now(i), "l1_coefficient": t.l1_now(i),
+                "steps_per_s": self.steps / wall, "data_wait_fraction": min(1.0, wait_s / wall),
+            })
+        self.reset()
+        return out
+
+
+def prepare_fn(hook: str | None, device: torch.device, dtype: torch.dtype, input_scale: float = 1.0):
+    """batch (a tensor, or a dict keyed by hook) -> (rows, d_in) on `device` in `dtype`, times `input_scale`."""
+    def prepare(batch) -> Tensor:
+        x = batch[hook] if isinstance(batch, dict) else batch
+        x = x.to(device=device, dtype=dtype, non_blocking=True)
+        return x * input_scale if input_scale != 1.0 else x
+    return prepare
+
+
+def fit(trainer: SweepTrainer, batches: Iterable, *, steps: int, hook: str | None = None,
+        input_scale: float = 1.0, prepare: Callable[[object], Tensor] | None = None,
+        on_log: Callable[[list[dict]], None] | None = None, on_checkpoint: Callable[[], None] | None = None,
+        on_resample: Callable[[dict[int, int]], None] | None = None,
+        wait_s: Callable[[], float] = lambda: 0.0) -> None:
+    """Train until `trainer.step == steps` on `batches`: ANY iterator of `dict[hook, Tensor (rows, d_in)]` (or
+    of bare tensors) in the activations' original scale. Each batch goes through `prepare` (default: pick
+    `hook`, move to the trainer's device and dtype, multiply by `input_scale`); pass `prepare=lambda b: b` when
+    the iterator already yields prepared tensors (as the Prefetcher of `train_from_store` does). Logs every
+    `log_every` steps, checkpoints every `checkpoint_every` steps and at the end."""
+    cfg = trainer.train
+    prepare = prepare or prepare_fn(hook, trainer.device, trainer.dtype, input_scale)
+    metrics = Metrics(trainer, input_scale)
+    it = iter(batches)
+    wait0 = wait_s()
+    while trainer.step < steps:
+        x = prepare(next(it))
+        metrics.add(trainer.train_step(x), x)
+        if trainer.resample_due():
+            done = trainer.resample([prepare(next(it)) for _ in range(trainer.resample_batches())])
+            if done and on_resample:
+                on_resample(done)
+        if trainer.step % cfg.log_every == 0 or trainer.step == steps:
+            now = wait_s()
+            rows = metrics.flush(now - wait0)
+            wait0 = now
+            if on_log:
+                on_log(rows)
+        if on_checkpoint and ((cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0)
+                              or trainer.step == steps):
+            on_checkpoint()

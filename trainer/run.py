@@ -1,0 +1,195 @@
+"""Train one SAE or a sweep from a store: run directories, checkpoints, resume, metrics and progress.
+
+    train_from_store(store, [SAEConfig(...)], TrainConfig(hook=...), out)              # one run: out is the run dir
+    train_from_store(store, saes, train, out, sweep=True)                            # out/sweep.json + out/<name>/
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saeforge.trainer.checkpoint import (append_metrics, checkpoint_steps, load_common_checkpoints,
+                                         save_checkpoint, truncate_metrics)
+from saeforge.trainer.config import SAEConfig, TrainConfig, config_dict
+from saeforge.trainer.errors import ResumeMismatch, RunExists
+from saeforge.trainer.io import CFG_FILE, save_sae, write_atomic
+from saeforge.trainer.loop import SweepTrainer, fit, prepare_fn
+from saeforge.trainer.losses import recon_scale
+from saeforge.trainer.prefetch import Prefetcher
+
+SWEEP_FILE = "sweep.json"
+# TrainConfig fields a resumed run may change (they do not alter what is trained).
+RESUMABLE = {"steps", "log_every", "checkpoint_every", "device", "loader_threads"}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def run_dirs_for(out: Path, saes: list[SAEConfig], sweep: bool) -> list[Path]:
+    if not sweep:
+        if len(saes) != 1:
+            raise ValueError(f"a single run trains one SAE, got {len(saes)}; use a sweep")
+        return [out]
+    names = [s.run_name for s in saes]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"sweep run names must be unique; repeated: {', '.join(dupes)}")
+    return [out / n for n in names]
+
+
+def run_record(sae: SAEConfig, train: TrainConfig, *, store: str, d_in: int, input_scale: float) -> dict:
+    """What identifies a run (saved under cfg.json's `saeforge` key and compared on resume)."""
+    return {"sae": config_dict(sae), "train": config_dict(train), "store": store, "d_in": d_in,
+            "input_scale": input_scale,
+            "recon_scale_convention": train.loss_scaling}
+
+
+def _differences(saved: dict, wanted: dict) -> list[str]:
+    diffs = []
+    for section in ("sae", "train"):
+        a, b = saved.get(section, {}), wanted[section]
+        for key in sorted(set(a) | set(b)):
+            if key in RESUMABLE or key == "name":
+                continue
+            if a.get(key) != b.get(key):
+                diffs.append(f"{key}: saved {a.get(key)!r}, requested {b.get(key)!r}")
+    return diffs
+
+
+def check_run_dirs(run_dirs: list[Path], records: list[dict], *, resume: bool) -> None:
+    """Refuse to overwrite a run (without --resume) or to resume a different one; writes nothing."""
+    for run_dir, record in zip(run_dirs, records):
+        cfg_path = run_dir / CFG_FILE
+        held = cfg_path.is_file() or bool(checkpoint_steps(run_dir)) if run_dir.is_dir() else False
+        if not held:
+            if resume:
+                raise ResumeMismatch(f"nothing to resume in {run_dir}: it holds no run")
+            if run_dir.is_dir() and any(p for p in run_dir.iterdir() if p.name != "metrics.jsonl"):
+                raise RunExists(f"{run_dir} is not empty and holds no saeforge run; choose another output")
+            continue
+        saved = json.loads(cfg_path.read_text()).get("saeforge", {}) if cfg_path.is_file() else {}
+        if saved.get("d_in") not in (None, record["d_in"]):
+            raise ResumeMismatch(f"{run_dir} was trained with d_in={saved['d_in']} but hook "
+                                 f"{record['train']['hook']!r} of the store has d_in={record['d_in']}")
+        diffs = _differences(saved, record)
+        if diffs:
+            raise RunExists(f"{run_dir} holds a different run ({'; '.join(diffs[:4])}); choose another output")
+        if not resume:
+            raise RunExists(f"{run_dir} already holds this run (step {saved.get('steps_done', '?')}); "
+                            "pass --resume to continue it or choose another output")
+
+
+def check_sweep_file(out: Path, names: list[str], resume: bool) -> None:
+    path = out / SWEEP_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text()).get("runs", [])
+        if saved != names:
+            raise RunExists(f"{out} holds a different sweep (runs {saved}); choose another output")
+        if not resume:
+            raise RunExists(f"{out} already holds this sweep; pass --resume to continue it")
+    elif resume:
+        raise ResumeMismatch(f"nothing to resume in {out}: no {SWEEP_FILE}")
+
+
+class _Run:
+    """Callbacks of `fit` for a store-backed run: metrics lines, checkpoints, weights, progress bar."""
+
+    def __init__(self, trainer: SweepTrainer, run_dirs: list[Path], records: list[dict], prefetch: Prefetcher,
+                 store, hook: str, scale: float, progress: bool):
+        from tqdm import tqdm
+
+        self.trainer, self.run_dirs, self.records, self.prefetch = trainer, run_dirs, records, prefetch
+        self.store, self.hook, self.scale = store, hook, scale
+        self.last: list[dict] = []
+        self.bar = tqdm(total=trainer.train.steps, initial=trainer.step, file=sys.stderr, disable=not progress,
+                        unit="step", dynamic_ncols=True)
+
+    def on_log(self, rows: list[dict]) -> None:
+        for run_dir, row in zip(self.run_dirs, rows):
+            append_metrics(run_dir, [row])
+        self.last = rows
+        self.bar.update(self.trainer.step - self.bar.n)
+        if rows:
+            self.bar.set_postfix(L0=f"{rows[0]['l0']:.1f}", MSE=f"{rows[0]['mse']:.3g}",
+                                 wait=f"{rows[0]['data_wait_fraction']:.0%}", refresh=False)
+
+    def on_resample(self, done: dict[int, int]) -> None:
+        for i, n in done.items():
+            append_metrics(self.run_dirs[i], [{"step": self.trainer.step, "event": "resample", "features": n}])
+
+    def on_checkpoint(self) -> None:
+        loader_state = self.prefetch.state_dict()
+        for i, (run_dir, record) in enumerate(zip(self.run_dirs, self.records)):
+            state = self.trainer.sae_state(i)
+            save_checkpoint(run_dir, {**state, "loader": loader_state, "record": record})
+            self.save_weights(i)
+
+    def save_weights(self, i: int) -> None:
+        prov = self.store.provenance if self.store is not None else {}
+        save_sae(self.trainer.sae(i), self.run_dirs[i], hook_name=self.hook, input_scale=self.scale,
+                 model_name=prov.get("model"), store=self.records[i]["store"], provenance=prov,
+                 saeforge={**self.records[i], "steps_done": self.trainer.step})
+
+
+def train_from_store(store: str | Path, saes: list[SAEConfig], train: TrainConfig, out: str | Path, *,
+                     sweep: bool = False, resume: bool = False, progress: bool = True,
+                     dtype: torch.dtype = torch.float32) -> list[dict[str, Any]]:
+    """Train `saes` on `train.hook` of the store at `store`; returns one summary dict per SAE.
+
+    Raises the store's errors (StoreNotFound, StoreIncomplete, HookNotInStore), RunExists, ResumeMismatch or
+    ValueError before anything is written."""
+    from saeforge.stores import StoreLoader, open_store
+
+    st = open_store(store)
+    st.check_hooks([train.hook])
+    d_in, stats = st.d(train.hook), st.stats(train.hook)
+    scale = float(stats.scale) if train.normalize_inputs else 1.0
+    out = Path(out)
+    run_dirs = run_dirs_for(out, saes, sweep)
+    records = [run_record(s, train, store=str(st.path), d_in=d_in, input_scale=scale) for s in saes]
+    if sweep:
+        check_sweep_file(out, [d.name for d in run_dirs], resume)
+    check_run_dirs(run_dirs, records, resume=resume)
+
+    device = resolve_device(train.device)
+    b_dec = torch.as_tensor(stats.mean, dtype=torch.float32) * scale if train.b_dec_init == "mean" else None
+    trainer = SweepTrainer(saes, train, d_in, b_dec=b_dec, mean_sq_norm=float(stats.mean_sq_norm) * scale ** 2,
+                           device=device, dtype=dtype)
+    loader = StoreLoader(st, hooks=[train.hook], batch_rows=train.batch_rows, seed=train.data_seed,
+                         threads=train.loader_threads, pin_memory=device.type == "cuda")
+    if resume:
+        states = load_common_checkpoints(run_dirs)
+        for i, state in enumerate(states):
+            trainer.load_sae_state(i, state)
+        loader.load_state_dict(states[0]["loader"])
+        for d in run_dirs:
+            truncate_metrics(d, trainer.step)
+    else:
+        for d in run_dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        if sweep:
+            write_atomic(out / SWEEP_FILE, json.dumps({"runs": [d.name for d in run_dirs], "store": str(st.path),
+                                                       "train": config_dict(train),
+                                                       "saes": [config_dict(s) for s in saes]}, indent=2))
+
+    prefetch = Prefetcher(loader, transform=prepare_fn(train.hook, device, dtype, scale), state_fn=loader.state_dict)
+    run = _Run(trainer, run_dirs, records, prefetch, st, train.hook, scale, progress)
+    try:
+        if not resume:
+            run.on_checkpoint()  # step 0: the directory holds a resumable run from the start
+        fit(trainer, prefetch, steps=train.steps, prepare=lambda x: x, input_scale=scale, on_log=run.on_log,
+            on_checkpoint=run.on_checkpoint, on_resample=run.on_resample, wait_s=lambda: prefetch.wait_s)
+    finally:
+        prefetch.close()
+        run.bar.close()
+    return [{"run_dir": str(d), **({k: v for k, v in row.items()}), "arch": s.arch, "d_sae": s.d_sae,
+             "recon_scale": recon_scale(train.loss_scaling, s.arch, d_in, float(stats.mean_sq_norm) * scale ** 2),
+             "loader_wait_s": round(prefetch.wait_s, 3)}
+            for d, s, row in zip(run_dirs, saes, run.last or [{}] * len(saes))]

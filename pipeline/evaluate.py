@@ -205,7 +205,8 @@ def _self_check(engine: _Engine, plans: list[_Plan], tokens, captured) -> str | 
                 continue
             part = engine.run(plan, tokens, captured, None)
             if not torch.allclose(part, full, rtol=tol, atol=tol * float(full.abs().max())):
-                return f"resumed logits at {plan.hook} differ from a full forward by {float((part - full).abs().max()):.3g}"
+                gap = float((part - full).abs().max())
+                return f"resumed logits at {plan.hook} differ from a full forward by {gap:.3g}"
     except Exception as e:  # noqa: BLE001 — any failure to resume means: use full forwards
         return f"{type(e).__name__}: {e}"
     return None
@@ -221,7 +222,10 @@ def _eval_hook_batch(engine: _Engine, st: _HookState, tokens, kept, scored, capt
     plan = st.plan
     x_site = captured[plan.hook]
     x = x_site.reshape(*x_site.shape[:2], -1)
-    clean = full_clean if engine.strategy == "full" and full_clean is not None else engine.run(plan, tokens, captured, None)
+    if engine.strategy == "full" and full_clean is not None:
+        clean = full_clean  # the capture pass was already the clean full forward
+    else:
+        clean = engine.run(plan, tokens, captured, None)
     ref_logp = M.log_probs(clean)
     st.ce["clean"] += M.next_token_ce_sum(clean, tokens, scored)
     del clean

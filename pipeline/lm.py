@@ -182,13 +182,11 @@ def _locate(spec: str) -> tuple[str, dict]:
 
 def load_lm(spec: str = "smollm2-135m", *, device: str = "auto",
             dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> LoadedLM:
-    """Load a model into a TransformerBridge (eval mode, no grad needed) on ``device`` in ``dtype``."""
-    from transformer_lens.model_bridge import TransformerBridge
+    """Load a model into a TransformerBridge (eval mode) on ``device`` in ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    device = resolve_device(device)
     source, info = _locate(spec)
     try:
         tok = AutoTokenizer.from_pretrained(source)
@@ -197,14 +195,24 @@ def load_lm(spec: str = "smollm2-135m", *, device: str = "auto",
         raise ModelLoadError(f"model {spec!r} could not be loaded: {str(e).splitlines()[0]}") from None
     if info["source"] == "hub":
         info["revision"] = getattr(model.config, "_commit_hash", None)
-    bridge = TransformerBridge.boot_transformers(source, hf_model=model, tokenizer=tok,
+    return wrap_hf_model(model, tok, name=spec, source=source, info=info, device=device, dtype=dtype)
+
+
+def wrap_hf_model(model, tokenizer, *, name: str, source: str, info: dict | None = None, device: str = "auto",
+                  dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> LoadedLM:
+    """Wrap an in-memory HF causal LM in a TransformerBridge (``source``: a local dir with its config)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    device = resolve_device(device)
+    bridge = TransformerBridge.boot_transformers(source, hf_model=model, tokenizer=tokenizer,
                                                  device=device, dtype=DTYPES[dtype])
     bridge.eval()
     cfg = bridge.cfg
+    info = dict(info or {"source": "memory"})
     info.update(n_layers=int(cfg.n_layers), d_model=int(cfg.d_model), n_ctx=int(cfg.n_ctx),
                 d_vocab=int(cfg.d_vocab), architecture=type(model).__name__,
-                tokenizer=type(tok).__name__, bos_token_id=tok.bos_token_id)
-    return LoadedLM(bridge=bridge, tokenizer=tok, name=spec, info=info, device=device, dtype=dtype)
+                tokenizer=type(tokenizer).__name__, bos_token_id=tokenizer.bos_token_id)
+    return LoadedLM(bridge=bridge, tokenizer=tokenizer, name=name, info=info, device=device, dtype=dtype)
 
 
 def hook_layer(name: str) -> int:

@@ -59,9 +59,8 @@ def verify(path):
     except StoreError as e:
         raise click.ClickException(str(e)) from None
     if not report.ok:
-        for line in report.problems[1:]:
-            click.echo(line, err=True)
-        first = report.first_bad_chunk or report.problems[0]
-        raise click.ClickException(f"{report.path} is damaged: {first} ({len(report.problems)} problem(s))")
+        first = report.problems[0]
+        more = f" (+{len(report.problems) - 1} more problem(s))" if len(report.problems) > 1 else ""
+        raise click.ClickException(f"{report.path} is damaged: {first}{more}")
     click.echo(f"ok: {report.path}: {report.n_rows:,} rows, {report.chunks_checked} chunks checked "
                f"in {report.seconds:.1f} s", file=sys.stdout)

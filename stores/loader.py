@@ -102,10 +102,11 @@ class StoreLoader:
                 "n_rows": self.store.n_rows}
 
     def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
         for key in ("seed", "rank", "world_size", "buffer_rows", "n_rows"):
-            if key in state and state[key] != getattr(self, key, None if key != "n_rows" else self.store.n_rows):
+            if key in state and state[key] != mine[key]:
                 raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has "
-                                 f"{getattr(self, key, self.store.n_rows)}; resume with the same settings")
+                                 f"{key}={mine[key]}; resume with the same settings")
         self._state = (int(state["epoch"]), int(state["position"]))
 
     def __len__(self) -> int:

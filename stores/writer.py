@@ -207,6 +207,7 @@ class StoreWriter:
     def _complete(self) -> None:
         p = self._progress
         stats = StatsAccumulator.from_json(p["stats_acc"]).finish(self.spec.hooks, p["n_rows"])
+        self._remove_partial_files()
         if self.loc.fs.exists(f"{self._state_dir}/stage"):
             self.loc.fs.rm(f"{self._state_dir}/stage", recursive=True)
         attrs = self.spec.initial_attrs()  # no timestamps: same seed + same input = bit-identical store
@@ -214,6 +215,15 @@ class StoreWriter:
                      complete={"rows": p["n_rows"], "format_version": schema.FORMAT_VERSION})
         write_group_attrs(self.loc, attrs)  # the completion record: the last write of the store
         self.loc.fs.rm(self._progress_path)
+
+
+    def _remove_partial_files(self) -> None:
+        """zarr's LocalStore writes ``<key>.<uuid>.partial`` then renames; a kill leaves the temp file."""
+        if not self.loc.is_local:
+            return
+        for name in self.spec.fields():
+            for path in self.loc.fs.glob(self.loc.sub(name.name, "**", "*.partial")):
+                self.loc.fs.rm_file(path)
 
 
 def _names(fs, root):

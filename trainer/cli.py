@@ -20,6 +20,7 @@ TRAIN_FLAGS = [
     click.option("--resample-rows", type=int, help="Inputs scored for resampling [819200]."),
     click.option("--autocast", type=click.Choice(["none", "bf16"]), help="Mixed precision [none]."),
     click.option("--device", help="auto, cpu, cuda, cuda:N [auto]."),
+    click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the loss [off]."),
     click.option("--log-every", type=int, help="Steps between metrics lines [100]."),
     click.option("--checkpoint-every", type=int, help="Steps between checkpoints [5000]."),
     click.option("--data-seed", type=int, help="Loader chunk-order seed [0]."),

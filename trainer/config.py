@@ -6,10 +6,14 @@ here, so each run directory records what was used.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 Arch = Literal["baseline", "gated"]
 Regime = Literal["paper", "anthropic"]
@@ -150,6 +154,9 @@ class TrainConfig:
 
     autocast: Literal["none", "bf16"] = "none"
     """Mixed precision for forward and loss: `bf16` autocast (weights and optimiser stay fp32)."""
+
+    compile: bool = False
+    """Fuse the loss's elementwise work with `torch.compile` (GPU; first steps pay the compile time)."""
 
     device: str = "auto"
     """`auto` (cuda if available), `cpu`, `cuda`, `cuda:1`, ..."""

@@ -60,10 +60,11 @@ class _Group:
         self.last_resample = torch.full((K,), -(10 ** 9), dtype=torch.long)
         self.generators = [torch.Generator().manual_seed(c.seed + RESAMPLE_SEED_OFFSET) for c in cfgs]
         self.index = torch.tensor(indices, device=device)
+        self.loss_fn = torch.compile(sae_loss, dynamic=False) if train.compile else sae_loss
 
     def loss(self, x: Tensor, l1_mult: float):
         l1 = (self.l1 * l1_mult).to(device=x.device, dtype=self.sae.W_dec.dtype)
-        return sae_loss(self.sae, x, l1, **self.loss_kw)
+        return self.loss_fn(self.sae, x, l1, **self.loss_kw)
 
 
 class SweepTrainer:
@@ -120,12 +121,11 @@ class SweepTrainer:
 
     @staticmethod
     def _record(g: _Group, x: Tensor, res, out: dict[str, Tensor]) -> None:
-        active = res.f > 0
         g.steps_since_fired += 1
-        g.steps_since_fired.masked_fill_(active.any(-2), 0)
+        g.steps_since_fired.masked_fill_(res.f.amax(-2) > 0, 0)  # f >= 0: fired iff its max over rows is > 0
         x_hat, xf = res.x_hat.float(), x.float()
         vals = dict(l_recon=res.l_recon, l_sparsity=res.l_sparsity, l_aux=res.l_aux,
-                    l0=active.sum(-1).double().mean(-1), sse=squared_error(xf, x_hat).sum(-1),
+                    l0=torch.count_nonzero(res.f, dim=-1).double().mean(-1), sse=res.sq_err.double().sum(-1),
                     xhat_sq=x_hat.pow(2).sum(-1).sum(-1), x_dot_xhat=(x_hat * xf).sum(-1).sum(-1))
         for name, v in vals.items():
             out[name].index_copy_(0, g.index, v.detach().double().reshape(-1))

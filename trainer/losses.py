@@ -27,6 +27,8 @@ class LossOutput(NamedTuple):
     """Final feature activations (rows, d_sae) or (K, rows, d_sae)."""
     x_hat: Tensor
     """Reconstruction (rows, d_in) or (K, rows, d_in)."""
+    sq_err: Tensor
+    """||x - x_hat||^2 per row, detached: (rows,) or (K, rows)."""
 
 
 def recon_scale(loss_scaling: str, arch: str, d_in: int, mean_sq_norm: float) -> float:
@@ -60,10 +62,11 @@ def baseline_loss(sae: SAE, x: Tensor, l1_coefficient: Tensor | float, *, recon_
     """Eq. 4: ||x - x_hat(f(x))||^2 + lambda ||f(x)||_1, x: (rows, d_in)."""
     f, _ = sae.encode_full(x)
     x_hat = sae.decode(f)
-    l_recon = recon_scale * squared_error(x, x_hat).mean(-1)
+    sq_err = squared_error(x, x_hat)
+    l_recon = recon_scale * sq_err.mean(-1)
     l_sparsity = _as_stack(l1_coefficient, l_recon) * _l1(f, sae, weight_l1_by_decoder_norm)
     l_aux = torch.zeros_like(l_recon)
-    return LossOutput((l_recon + l_sparsity).sum(), l_recon, l_sparsity, l_aux, f, x_hat)
+    return LossOutput((l_recon + l_sparsity).sum(), l_recon, l_sparsity, l_aux, f, x_hat, sq_err.detach())
 
 
 def gated_loss(sae: GatedSAE, x: Tensor, l1_coefficient: Tensor | float, *, recon_scale: float = 1.0,
@@ -77,10 +80,11 @@ def gated_loss(sae: GatedSAE, x: Tensor, l1_coefficient: Tensor | float, *, reco
         x_hat_gate = relu(pi_gate) @ W_dec.detach() + b_dec.detach()
     else:  # the "unfreeze decoder" ablation and the anthropic regime
         x_hat_gate = relu(pi_gate) @ W_dec + b_dec
-    l_recon = recon_scale * squared_error(x, x_hat).mean(-1)
+    sq_err = squared_error(x, x_hat)
+    l_recon = recon_scale * sq_err.mean(-1)
     l_sparsity = _as_stack(l1_coefficient, l_recon) * _l1(relu(pi_gate), sae, weight_l1_by_decoder_norm)
     l_aux = recon_scale * squared_error(x, x_hat_gate).mean(-1)
-    return LossOutput((l_recon + l_sparsity + l_aux).sum(), l_recon, l_sparsity, l_aux, f, x_hat)
+    return LossOutput((l_recon + l_sparsity + l_aux).sum(), l_recon, l_sparsity, l_aux, f, x_hat, sq_err.detach())
 
 
 def sae_loss(sae: SAE, x: Tensor, l1_coefficient: Tensor | float, *, recon_scale: float = 1.0,

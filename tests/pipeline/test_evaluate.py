@@ -194,8 +194,8 @@ def build_store(root, model_dir, *, context_size=16, heldout_every=4):
     with StoreWriter(str(path), hooks={h: int(acts[h].shape[-1]) for h in HOOKS}, dtype="float32",
                      provenance=prov) as w:
         pos = torch.arange(context_size).expand_as(tokens)
-        w.append({h: acts[h][kept] for h in HOOKS}, token_ids=tokens[kept], seq_idx=idx[:, None].expand_as(tokens)[kept],
-                 pos=pos[kept])
+        w.append({h: acts[h][kept] for h in HOOKS}, token_ids=tokens[kept],
+                 seq_idx=idx[:, None].expand_as(tokens)[kept], pos=pos[kept])
     return path, lm
 
 

@@ -217,12 +217,12 @@ def test_smollm2_three_sites_on_shakespeare(tmp_path):
     """The real offline default: SmolLM2-135M on Shakespeare, three sites of layer 3, a few thousand tokens."""
     cfg = HarvestConfig(out=str(tmp_path / "smol"), device="cpu", lm_dtype="bfloat16", layers=(3,),
                         sites=("resid_post", "mlp_out", "attn_out"), tokens=3000, context_size=128, batch_size=8)
-    result = harvest(cfg, progress=False)
+    lm = load_lm("smollm2-135m", device="cpu", dtype="bfloat16")
+    result = harvest(cfg, lm=lm, progress=False)
     s = open_store(cfg.out)
     assert s.n_rows == 3000 and {s.d(h) for h in s.hooks} == {576}
     assert s.provenance["model_info"]["n_layers"] == 30 and s.provenance["dataset"]["kind"] == "shakespeare"
     assert result.forward_passes == 3  # 8 windows x 127 rows per pass
-    lm = load_lm("smollm2-135m", device="cpu", dtype="bfloat16")
     first = next(data.heldout_windows(s.provenance, lm.tokenizer))
     assert first[0] == lm.tokenizer.bos_token_id and len(first) == 128
     for h in s.hooks:

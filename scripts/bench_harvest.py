@@ -1,0 +1,251 @@
+"""Benchmark harvest against the bare LM forward it is built on; prints ratios measured in one run.
+
+    python scripts/bench_harvest.py                         # SmolLM2-135M (offline), layer 10, ctx 128, batch 8
+    python scripts/bench_harvest.py --device cuda --model-config llama-1b --dataset synthetic --batches 100
+
+Measures, on one loaded model and the same token batches:
+  bare      ``bridge(tokens, stop_at_layer=L+1)``: the floor harvest can reach;
+  full      the full forward (what stop_at_layer saves);
+  harvest1  ``harvest()`` with one site (resid_post), streaming phase (LM + hand-off + staging);
+  harvest3  the same with three sites (resid_post, mlp_out, attn_out) from the same single pass;
+  and the same bare/harvest1 pair with bf16 LM compute.
+Targets: harvest1 >= 0.9x bare tok/s; harvest3 costs <= 1.1x harvest1. On CUDA the GPU utilisation
+during harvest is sampled with nvidia-smi (or torch.cuda.utilization).
+
+``--model-config`` builds a random-weight LlamaForCausalLM from a preset or a JSON file of LlamaConfig
+fields (no hub needed: throughput does not depend on the weights); a byte-level BPE tokenizer is trained
+on the benchmark text. ``--dataset synthetic`` writes a random-word corpus, for machines without PyPI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PRESETS = {  # LlamaConfig fields; realistic sizes for a GPU throughput run
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096),
+    "llama-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                     num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=512),
+}
+WORDS = ("the of and to in a is that for it as was with be by on not he I this are or his from at which but "
+         "have an they you were her she there been one all we their has would when if so no will more what "
+         "king lord love death night heart blood sweet honour crown fair sword grace tongue fortune").split()
+
+
+def synthetic_corpus(directory: Path, n_words: int) -> Path:
+    rng = np.random.default_rng(0)
+    path = directory / "synthetic.txt"
+    path.write_text("\n".join(" ".join(rng.choice(WORDS, 2000)) for _ in range(max(1, n_words // 2000))))
+    return path
+
+
+def train_tokenizer(directory: Path, text_file: Path, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train([str(text_file)], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    tok.save_pretrained(str(directory))
+    return PreTrainedTokenizerFast.from_pretrained(str(directory))
+
+
+def random_lm(config: str, directory: Path, text_file: Path, device: str, dtype: str):
+    """A random-weight Llama built from a preset/JSON config, wrapped like load_lm would."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from saeforge.pipeline.lm import DTYPES, wrap_hf_model
+
+    fields = PRESETS[config] if config in PRESETS else json.loads(Path(config).read_text())
+    tok = train_tokenizer(directory, text_file, min(8192, fields.get("vocab_size", 8192)))
+    cfg = LlamaConfig(**fields, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    cfg.save_pretrained(str(directory))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(DTYPES[dtype]).eval()
+    return wrap_hf_model(model, tok, name=f"random:{config}", source=str(directory),
+                         info={"source": "random", "config": config}, device=device, dtype=dtype)
+
+
+def sync(lm):
+    if lm.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bare_tps(lm, batches, stop_at_layer):
+    """Tokens/s of the bare forward over the prepared batches (tokens already on the host)."""
+    sync(lm)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for tokens in batches:
+            lm.bridge(tokens.to(lm.device, non_blocking=True), stop_at_layer=stop_at_layer, return_type=None)
+    sync(lm)
+    return sum(b.numel() for b in batches) / (time.perf_counter() - t)
+
+
+class GpuSampler:
+    """Mean GPU utilisation (%) while active, sampled every 100 ms."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.samples, self.stop = enabled, [], threading.Event()
+
+    def __enter__(self):
+        if self.enabled:
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
+        return self
+
+    def _run(self):
+        while not self.stop.wait(0.1):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                      "-i", "0"], capture_output=True, text=True, timeout=2).stdout
+                self.samples.append(float(out.split()[0]))
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                try:
+                    self.samples.append(float(torch.cuda.utilization()))
+                except Exception:  # noqa: BLE001 (no pynvml either: report nothing)
+                    return
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.enabled:
+            self.thread.join()
+
+    @property
+    def mean(self):
+        return statistics.mean(self.samples) if self.samples else float("nan")
+
+
+def harvest_tps(lm, cfg, sites, tmp: Path, tag: str, gpu: bool):
+    from saeforge.pipeline.harvest import harvest
+
+    run = replace(cfg, sites=tuple(sites), out=str(tmp / f"{tag}-{time.monotonic_ns()}"))
+    with GpuSampler(gpu) as s:
+        r = harvest(run, lm=lm, progress=False)
+    return r.tokens_per_s, r.tokens_forwarded / (r.lm_s + r.write_s), s.mean, r
+
+
+def measure(lm, cfg, batches, layer, tmp, repeats, gpu, with_full):
+    out = {k: [] for k in ("bare", "full", "h1", "h1_close", "h3", "gpu1", "gpu3")}
+    bare_tps(lm, batches[:2], layer + 1)  # warm-up
+    for _ in range(repeats):  # interleaved, medians: the machine is shared and noisy
+        out["bare"].append(bare_tps(lm, batches, layer + 1))
+        if with_full:
+            out["full"].append(bare_tps(lm, batches, None))
+        tps, with_close, util, _ = harvest_tps(lm, cfg, ["resid_post"], tmp, "h1", gpu)
+        out["h1"].append(tps), out["h1_close"].append(with_close), out["gpu1"].append(util)
+        tps, _, util, _ = harvest_tps(lm, cfg, ["resid_post", "mlp_out", "attn_out"], tmp, "h3", gpu)
+        out["h3"].append(tps), out["gpu3"].append(util)
+    return {k: statistics.median(v) for k, v in out.items() if v}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model-config", default=None, help=f"random-weight Llama: {', '.join(PRESETS)} or a JSON file")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dataset", default="shakespeare", help="shakespeare, synthetic, or any harvest --dataset")
+    ap.add_argument("--layer", type=int, default=10)
+    ap.add_argument("--context-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batches", type=int, default=12, help="forward passes per measurement")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--no-full", action="store_true")
+    args = ap.parse_args(argv)
+
+    from saeforge.pipeline import data
+    from saeforge.pipeline.harvest import HarvestConfig, window_batches, provenance
+    from saeforge.pipeline.lm import load_lm, resolve_device
+
+    device = resolve_device(args.device)
+    gpu = device.startswith("cuda")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_harvest_"))
+    n_tokens = args.batches * args.batch_size * args.context_size
+    dataset = args.dataset
+    if dataset == "synthetic":
+        dataset = str(synthetic_corpus(tmp, 3 * n_tokens + 100_000))
+
+    def load(dtype):
+        if args.model_config:
+            return random_lm(args.model_config, tmp / f"model-{dtype}", Path(dataset if dataset.endswith(".txt")
+                             else synthetic_corpus(tmp, 200_000)), device, dtype)
+        return load_lm(args.model, device=device, dtype=dtype)
+
+    results, lms = {}, {}
+    for dtype in ["float32"] + ([] if args.no_bf16 else ["bfloat16"]):
+        t = time.perf_counter()
+        lm = lms[dtype] = load(dtype)
+        load_s = time.perf_counter() - t
+        # rows per harvest = exactly the kept rows of `batches` passes, so harvest runs the same passes
+        cfg = HarvestConfig(out="", model=lm.name, device=device, lm_dtype=dtype, layers=(args.layer,),
+                            sites=("resid_post",), dataset=dataset, context_size=args.context_size,
+                            batch_size=args.batch_size, store_dtype="bfloat16", queue_batches=4)
+        prov = provenance(cfg, lm, [f"blocks.{args.layer}.hook_resid_post"],
+                          data.describe_dataset(dataset))
+        stream = list(zip(range(args.batches), window_batches(prov, lm.tokenizer, args.batch_size, 10**12)))
+        batches = [b.tokens for _, b in stream]
+        cfg = replace(cfg, tokens=sum(int(b.kept.sum()) for _, b in stream))
+        results[dtype] = measure(lm, cfg, batches, args.layer, tmp, args.repeats, gpu,
+                                 with_full=not args.no_full and dtype == "float32")
+        results[dtype]["load_s"] = load_s
+        del lm, lms[dtype]
+        if gpu:
+            torch.cuda.empty_cache()
+    report(results, args, device)
+
+
+def report(results, args, device):
+    f32 = results["float32"]
+    name = args.model_config and f"random Llama ({args.model_config})" or args.model
+    dev = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"model {name}, device {dev}, layer {args.layer}, ctx {args.context_size}, batch {args.batch_size}, "
+          f"{args.batches} passes x {args.repeats} repeats (medians)")
+    print(f"{'':<28}{'tok/s':>12}{'ratio':>10}")
+    rows = [("bare stop_at_layer fp32", f32["bare"], 1.0)]
+    if "full" in f32:
+        rows.append(("full forward fp32", f32["full"], f32["full"] / f32["bare"]))
+    rows += [("harvest 1 site fp32", f32["h1"], f32["h1"] / f32["bare"]),
+             ("harvest 1 site incl. close", f32["h1_close"], f32["h1_close"] / f32["bare"]),
+             ("harvest 3 sites fp32", f32["h3"], f32["h3"] / f32["bare"])]
+    if "bfloat16" in results:
+        b16 = results["bfloat16"]
+        rows += [("bare stop_at_layer bf16", b16["bare"], b16["bare"] / f32["bare"]),
+                 ("harvest 1 site bf16", b16["h1"], b16["h1"] / f32["bare"])]
+    for label, tps, ratio in rows:
+        print(f"{label:<28}{tps:>12,.0f}{ratio:>9.2f}x")
+    print(f"harvest1 / bare (fp32)        {f32['h1'] / f32['bare']:.2f}x   (target >= 0.90)")
+    print(f"cost of 3 sites / 1 site      {f32['h1'] / f32['h3']:.2f}x   (target <= 1.10)")
+    if "full" in f32:
+        print(f"stop_at_layer speed-up        {f32['bare'] / f32['full']:.2f}x over the full forward")
+    if "bfloat16" in results:
+        b16 = results["bfloat16"]
+        print(f"bf16 / fp32 LM compute        {b16['bare'] / f32['bare']:.2f}x bare, "
+              f"{b16['h1'] / f32['h1']:.2f}x harvest; bf16 harvest1 / bare {b16['h1'] / b16['bare']:.2f}x")
+    if device.startswith("cuda"):
+        print(f"GPU utilisation during harvest: 1 site {f32['gpu1']:.0f}%, 3 sites {f32['gpu3']:.0f}%")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""kill -9 a writer at random points (staging, shuffling, finalising); resuming gives a bit-identical store."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from saeforge.stores import open_store, verify_store
+from saeforge.stores.schema import STATE_DIR
+
+SCRIPT = Path(__file__).with_name("crash_writer.py")
+KILLED_IN: list[str] = []
+"""Writer phase found after each kill (staging / writing / complete), to check both passes got hit."""
+
+
+def run_writer(path, kill_after=None):
+    """Run the producer; ``kill_after`` seconds after it opened the writer, SIGKILL it. Returns
+    (exit code, seconds from "started" to "staged", seconds from "started" to exit)."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(path)], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    t0 = time.perf_counter()
+    staged_s = None
+    if kill_after is not None and line.startswith("started"):
+        try:
+            proc.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+    elif line.startswith("started"):
+        proc.stdout.readline()
+        staged_s = time.perf_counter() - t0
+    rc = proc.wait()
+    proc.stdout.close()
+    return rc, staged_s, time.perf_counter() - t0
+
+
+def store_files(path: Path) -> dict:
+    """Every file of the store (the writer's private state dir excluded) and its bytes."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and STATE_DIR not in p.relative_to(path).parts}
+
+
+def _phase(path: Path) -> str:
+    import json
+
+    progress = path / STATE_DIR / "progress.json"
+    return json.loads(progress.read_text())["phase"] if progress.exists() else "complete-or-not-started"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("crash") / "reference"
+    rc, staged_s, total_s = run_writer(path)
+    assert rc == 0
+    return path, staged_s, total_s
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_kill9_at_random_points_then_resume_is_bit_identical(tmp_path, reference, trial):
+    ref_path, staged_s, total_s = reference
+    rng = random.Random(trial)
+    # kill windows (seconds after the writer opened): during staging, early/late in the shuffle pass, anywhere
+    lo, hi = [(0.0, staged_s), (staged_s, 0.6 * total_s), (0.5 * total_s, 1.1 * total_s), (0.0, 1.1 * total_s)][trial]
+    path = tmp_path / "store"
+    kills = 0
+    for _ in range(4):
+        rc, *_ = run_writer(path, kill_after=rng.uniform(lo, hi))
+        kills += rc == -signal.SIGKILL
+        if rc == -signal.SIGKILL:
+            KILLED_IN.append(_phase(path))
+        if rc == 0:
+            break
+        assert rc == -signal.SIGKILL, f"writer failed on resume (exit {rc})"
+    if rc != 0:  # finish without interruption
+        assert run_writer(path)[0] == 0
+    got, want = store_files(path), store_files(ref_path)
+    assert sorted(got) == sorted(want)
+    different = [k for k in want if got[k] != want[k]]
+    assert not different, f"files differ after {kills} kills: {different[:5]}"
+    assert verify_store(path).ok
+    assert open_store(path).n_rows == 4000
+
+
+def test_kills_hit_both_the_staging_and_the_writing_pass():
+    if not KILLED_IN:
+        pytest.skip("run together with the kill trials")
+    assert {"staging", "writing"} <= set(KILLED_IN), KILLED_IN

@@ -78,6 +78,8 @@ def harvest(out, model, device, lm_dtype, hooks, layers, sites, dataset, split, 
         result = run_harvest(cfg, progress=not quiet)
     except (HarvestError, ModelLoadError, HookError, DatasetError, StoreError, ValueError) as e:
         raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        raise click.ClickException(f"interrupted: {out} is incomplete; rerun the same command to resume") from None
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=1))
     else:

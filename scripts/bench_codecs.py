@@ -75,8 +75,8 @@ def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
 def candidates(itemsize: int):
     from numcodecs import Blosc, Shuffle, Zstd
 
-    def blosc(cname, level, shuffle):
-        return [Blosc(cname=cname, clevel=level, shuffle=shuffle, blocksize=0)]
+    def blosc(cname, level, shuffle, blocksize=0):
+        return [Blosc(cname=cname, clevel=level, shuffle=shuffle, blocksize=blocksize)]
 
     return {
         "none": [],
@@ -85,6 +85,8 @@ def candidates(itemsize: int):
         "shuffle+zstd(1)": [Shuffle(elementsize=itemsize), Zstd(level=1)],
         "blosc-zstd(1)+shuffle": blosc("zstd", 1, Blosc.SHUFFLE),
         "blosc-zstd(3)+shuffle": blosc("zstd", 3, Blosc.SHUFFLE),
+        "blosc-zstd(1)+shuffle, 1 MiB blocks (default)": blosc("zstd", 1, Blosc.SHUFFLE, 1 << 20),
+        "blosc-zstd(3)+shuffle, 1 MiB blocks": blosc("zstd", 3, Blosc.SHUFFLE, 1 << 20),
         "blosc-zstd(1)+bitshuffle": blosc("zstd", 1, Blosc.BITSHUFFLE),
         "blosc-lz4+shuffle": blosc("lz4", 5, Blosc.SHUFFLE),
     }

@@ -12,9 +12,12 @@ Prints the ratio naive / shared for each, and the FLOP-model bound for this mode
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
+
+print = functools.partial(print, flush=True)  # noqa: A001 (progress of a long benchmark shows as it goes)
 
 
 def _best(fn, repeats: int) -> tuple[float, dict]:

@@ -7,6 +7,7 @@ Prints, measured in one run: loader rows/s cold (shard files evicted from the pa
 posix_fadvise) and warm, with 1 and 2 threads; the raw decode rate (crc32c + blosc/zstd straight from
 the shard files' bytes, no zarr, same threads); a memmap of the uncompressed rows; bytes on disk per row
 against raw fp32; and the ratios against the targets (loader >= 0.7x raw decode, >= 500k rows/s bf16).
+Warm loader and raw decode figures are the best of 2 and 3 passes: the machine may be shared.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import glob
 import json
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -93,24 +95,36 @@ def shard_chunks(path: str, n_shards: int):
     return out, s.chunk_rows
 
 
-def raw_decode_rate(chunks, chunk_rows, threads):
+def raw_decode_rate(chunks, chunk_rows, threads, reuse_buffer):
     import crc32c
     from numcodecs import Blosc
 
     codec = Blosc()
+    local = threading.local()
 
     def decode(b):
         body = memoryview(b)[:-4]
         if crc32c.crc32c(body) != int.from_bytes(b[-4:], "little"):
             raise ValueError("checksum")
-        return codec.decode(body)
+        if not reuse_buffer:  # a fresh output array per chunk, as a loader handing out new tensors needs
+            return codec.decode(body, out=np.empty(codec_size(body), np.uint8))
+        if not hasattr(local, "out"):  # one reused output buffer per thread: the codec's upper bound
+            local.out = np.empty(codec_size(body), np.uint8)
+        return codec.decode(body, out=local.out[: codec_size(body)])
 
+    best = 0.0
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(decode, chunks[:8]))
-        t0 = time.perf_counter()
-        list(pool.map(decode, chunks))
-        dt = time.perf_counter() - t0
-    return len(chunks) * chunk_rows / dt
+        for _ in range(3):  # best of 3: the machine is shared
+            t0 = time.perf_counter()
+            list(pool.map(decode, chunks))
+            best = max(best, len(chunks) * chunk_rows / (time.perf_counter() - t0))
+    return best
+
+
+def codec_size(body) -> int:
+    """Decoded size from the blosc header (bytes 4..8)."""
+    return int.from_bytes(bytes(body[4:8]), "little")
 
 
 def memmap_rate(path, rows, d, itemsize, batch_rows=4096):
@@ -144,6 +158,7 @@ def main():
     ap.add_argument("--d", type=int, default=576)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--build-only", action="store_true", help="build (or reuse) the store, measure nothing")
     args = ap.parse_args()
     from saeforge.stores import StoreError, open_store
 
@@ -159,6 +174,9 @@ def main():
         shutil.rmtree(args.dir, ignore_errors=True)
         res["build_s"] = build(args.dir, args.rows, args.d, args.dtype)
         s = open_store(args.dir)
+    if args.build_only:
+        print(f"store ready: {s}" + (f" (built in {res['build_s']:.0f} s)" if "build_s" in res else ""))
+        return
     itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}[args.dtype]
     res["bytes_per_row_disk"] = s.nbytes_stored() / s.n_rows
     res["bytes_per_row_hook_disk"] = s.array(HOOK).nbytes_stored() / s.n_rows
@@ -166,15 +184,19 @@ def main():
     res["chunk_rows"], res["shard_rows"] = s.chunk_rows, s.shard_rows
     chunks, chunk_rows = shard_chunks(args.dir, n_shards=8)
     for threads in (1, 2):
-        res[f"raw_decode_t{threads}"] = raw_decode_rate(chunks, chunk_rows, threads)
+        res[f"raw_decode_t{threads}"] = raw_decode_rate(chunks, chunk_rows, threads, reuse_buffer=False)
+        res[f"raw_decode_reuse_t{threads}"] = raw_decode_rate(chunks, chunk_rows, threads, reuse_buffer=True)
         evict(args.dir)
         res[f"loader_cold_t{threads}"] = loader_rate(args.dir, threads, args.dtype, args.rows)
-        res[f"loader_warm_t{threads}"] = loader_rate(args.dir, threads, args.dtype, args.rows)
+        res[f"loader_warm_t{threads}"] = max((loader_rate(args.dir, threads, args.dtype, args.rows) for _ in range(2)),
+                                             key=lambda r: r["rows_per_s"])
         res[f"loader_warm_fp32_t{threads}"] = loader_rate(args.dir, threads, "float32", args.rows)
     res["memmap"] = memmap_rate(args.dir, args.rows, args.d, itemsize)
     best = max(res["loader_warm_t1"]["rows_per_s"], res["loader_warm_t2"]["rows_per_s"])
     res["ratio_loader_vs_raw_decode_t2"] = res["loader_warm_t2"]["rows_per_s"] / res["raw_decode_t2"]
     res["ratio_loader_vs_raw_decode_t1"] = res["loader_warm_t1"]["rows_per_s"] / res["raw_decode_t1"]
+    for t in (1, 2):
+        res[f"ratio_loader_vs_raw_decode_reuse_t{t}"] = res[f"loader_warm_t{t}"]["rows_per_s"] / res[f"raw_decode_reuse_t{t}"]
     res["target_500k"] = best / 500_000
     if args.json:
         print(json.dumps(res, indent=1))
@@ -185,15 +207,18 @@ def main():
           f"smaller than raw fp32 {4 * args.d} B/row); all arrays {res['bytes_per_row_disk']:.0f} B/row")
     print("| measurement | 1 thread rows/s | 2 threads rows/s |")
     print("| --- | ---: | ---: |")
-    for key, label in [("raw_decode", "raw codec decode (crc32c + blosc, no zarr)"),
+    for key, label in [("raw_decode", "raw codec decode (crc32c + blosc, no zarr), fresh output arrays"),
+                       ("raw_decode_reuse", "raw codec decode, one reused output buffer (upper bound)"),
                        ("loader_cold", f"loader cold, {args.dtype} out"), ("loader_warm", f"loader warm, {args.dtype} out"),
                        ("loader_warm_fp32", "loader warm, float32 out")]:
         a, b = res[f"{key}_t1"], res[f"{key}_t2"]
-        a, b = (a, b) if key == "raw_decode" else (a["rows_per_s"], b["rows_per_s"])
+        a, b = (a, b) if key.startswith("raw_decode") else (a["rows_per_s"], b["rows_per_s"])
         print(f"| {label} | {a:,.0f} | {b:,.0f} |")
     print(f"| numpy memmap, uncompressed (cold / warm) | {res['memmap']['cold']:,.0f} | {res['memmap']['warm']:,.0f} |")
-    print(f"loader / raw decode: {res['ratio_loader_vs_raw_decode_t1']:.2f}x (1 thread), "
+    print(f"loader warm / raw decode (fresh arrays): {res['ratio_loader_vs_raw_decode_t1']:.2f}x (1 thread), "
           f"{res['ratio_loader_vs_raw_decode_t2']:.2f}x (2 threads)   target >= 0.70x")
+    print(f"loader warm / raw decode (reused buffer): {res['ratio_loader_vs_raw_decode_reuse_t1']:.2f}x (1 thread), "
+          f"{res['ratio_loader_vs_raw_decode_reuse_t2']:.2f}x (2 threads)")
     print(f"best loader rate / 500k rows/s target: {res['target_500k']:.2f}x")
     if "build_s" in res:
         print(f"(built the store in {res['build_s']:.0f} s)")

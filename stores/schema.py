@@ -7,8 +7,8 @@ Layout of a store (one Zarr v3 group)::
     <store>/token_ids, seq_idx, pos   (rows,) arrays aligned with the hooks row for row
     <store>/.saeforge/                writer state while incomplete (lock, progress, staged buckets)
 
-Codecs (measured by ``scripts/bench_codecs.py`` on SmolLM2 residual activations): byte-shuffle + zstd(1)
-inside blosc, then crc32c, inside a sharding codec so a 10^9-row store is ~10^4 files per hook.
+Codecs (measured by ``scripts/bench_codecs.py`` on SmolLM2 residual activations): blosc (byte-shuffle +
+zstd(1), 1 MiB blocks), crc32c, inside a sharding codec so a 10^9-row store is ~10^4 files per hook.
 """
 from __future__ import annotations
 
@@ -67,19 +67,30 @@ def chunk_rows_for(d_max: int, itemsize: int) -> int:
     return int(min(1 << 16, max(256, 2 ** round(np.log2(rows)))))
 
 
-def codecs_for(dtype: str) -> dict:
-    """zarr.create_array keyword arguments for a hook array of this logical dtype."""
+BLOSC_BLOCK_BYTES = 1 << 20
+"""Blosc compresses blocks independently: at its default (small) block size zstd(1) on bf16 reaches 1.25x,
+with 1 MiB blocks 1.44x, the same as a separate shuffle + zstd(1) (scripts/bench_codecs.py)."""
+
+
+def _blosc_zstd(itemsize: int, level: int) -> dict:
     from zarr.codecs import BloscCodec, Crc32cCodec
 
-    itemsize = np.dtype(STORAGE_DTYPE[dtype]).itemsize
-    return {"compressors": [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=itemsize), Crc32cCodec()]}
+    return {"compressors": [BloscCodec(cname="zstd", clevel=level, shuffle="shuffle", typesize=itemsize,
+                                       blocksize=BLOSC_BLOCK_BYTES), Crc32cCodec()]}
+
+
+def codecs_for(dtype: str) -> dict:
+    """zarr.create_array keyword arguments for a hook array of this logical dtype.
+
+    Byte-shuffle + zstd(1) inside blosc (a codec of the Zarr v3 spec, so any v3 reader can decode it), then
+    crc32c. Measured on SmolLM2-135M layer-15 residual activations (scripts/bench_codecs.py): bf16 1.44x
+    (2.88x smaller than raw fp32), fp32 1.18x, fp16 1.15x; zstd without shuffle: 1.26x / 1.08x / 1.07x.
+    """
+    return _blosc_zstd(np.dtype(STORAGE_DTYPE[dtype]).itemsize, level=1)
 
 
 def meta_codecs(np_dtype) -> dict:
-    from zarr.codecs import BloscCodec, Crc32cCodec
-
-    itemsize = np.dtype(np_dtype).itemsize
-    return {"compressors": [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=itemsize), Crc32cCodec()]}
+    return _blosc_zstd(np.dtype(np_dtype).itemsize, level=3)
 
 
 class Location(NamedTuple):

@@ -185,9 +185,7 @@ class StoreWriter:
             n_pending += len(block["token_ids"])
             while n_pending >= spec.shard_rows or (n_pending and p["rows_written"] + n_pending == p["n_rows"]):
                 take = min(n_pending, spec.shard_rows)
-                merged = {k: np.concatenate([b[k] for b in pending]) for k in arrays}
-                shard = {k: v[:take] for k, v in merged.items()}
-                pending = [{k: v[take:] for k, v in merged.items()}]
+                shard = _take_rows(pending, take)
                 n_pending -= take
                 self._write_shard(arrays, shard, acc, take)
                 bar and bar.update(take)
@@ -224,6 +222,24 @@ class StoreWriter:
         for name in self.spec.fields():
             for path in self.loc.fs.glob(self.loc.sub(name.name, "**", "*.partial")):
                 self.loc.fs.rm_file(path)
+
+
+def _take_rows(pending: list, n: int) -> dict:
+    """Remove the first ``n`` rows from a list of blocks; copies only what crosses block boundaries."""
+    parts, got = [], 0
+    while got < n:
+        block = pending[0]
+        size = len(block["token_ids"])
+        k = min(size, n - got)
+        parts.append({name: a[:k] for name, a in block.items()})
+        if k == size:
+            pending.pop(0)
+        else:
+            pending[0] = {name: a[k:] for name, a in block.items()}
+        got += k
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 def _names(fs, root):

@@ -107,3 +107,10 @@ def test_bad_settings_name_every_problem(id_store):
     loader = StoreLoader(id_store, seed=1)
     with pytest.raises(ValueError, match="seed=2"):
         loader.load_state_dict({**loader.state_dict(), "seed": 2})
+
+
+def test_fast_chunk_reader_matches_zarr(id_store):
+    """Oracle: the direct shard reader and zarr's own read path give the same batches."""
+    fast = ids(StoreLoader(id_store, hooks=["id", "x"], batch_rows=100, seed=4, epochs=1))
+    slow = ids(StoreLoader(id_store, hooks=["id", "x"], batch_rows=100, seed=4, epochs=1, fast_path=False))
+    assert np.array_equal(fast, slow)

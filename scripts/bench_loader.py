@@ -182,7 +182,7 @@ def main():
     res["bytes_per_row_hook_disk"] = s.array(HOOK).nbytes_stored() / s.n_rows
     res["x_smaller_than_raw_fp32"] = 4 * args.d / res["bytes_per_row_hook_disk"]
     res["chunk_rows"], res["shard_rows"] = s.chunk_rows, s.shard_rows
-    chunks, chunk_rows = shard_chunks(args.dir, n_shards=8)
+    chunks, chunk_rows = shard_chunks(args.dir, n_shards=1 << 30)  # every chunk: the loader reads them all too
     for threads in (1, 2):
         res[f"raw_decode_t{threads}"] = raw_decode_rate(chunks, chunk_rows, threads, reuse_buffer=False)
         res[f"raw_decode_reuse_t{threads}"] = raw_decode_rate(chunks, chunk_rows, threads, reuse_buffer=True)

@@ -39,10 +39,9 @@ def info(path, as_json):
         st = s.stats(h)
         click.echo(f"hook      {h}  d={s.d(h)}  E|x|^2={st.mean_sq_norm:.4g}  E|x|={st.mean_norm:.4g}  "
                    f"scale={st.scale:.4g}")
-    prov = s.provenance
-    for key in ("model", "dataset", "context_size", "prepend_bos", "special_token_rule", "tokens"):
-        if key in prov:
-            click.echo(f"{key:<9} {json.dumps(prov[key])}")
+    for key, value in s.provenance.items():  # what harvest recorded (model, dataset, context size, ...)
+        text = json.dumps(value)
+        click.echo(f"{key:<9} {text if len(text) <= 100 else text[:97] + '...'}")
 
 
 @store.command()

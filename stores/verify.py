@@ -94,4 +94,4 @@ def _check_stats(store, acc: StatsAccumulator) -> list[str]:
     return problems
 
 
-__all__ = ["verify_store", "VerifyReport", "StoreError"]
+__all__ = ["verify_store", "VerifyReport"]

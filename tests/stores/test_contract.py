@@ -39,7 +39,7 @@ class StoreContract:
             assert got.dtype == torch.float32 and got.shape == (1500, d)
             np.testing.assert_array_equal(got.numpy(), logical(data[h], dtype)[tid])
             np.testing.assert_array_equal(s.read(h, 100, 300).numpy(), got[100:300].numpy())
-            st = s.stored = s.stats(h)
+            st = s.stats(h)
             x64 = logical(data[h], dtype).astype(np.float64)
             np.testing.assert_allclose(st.mean, x64.mean(0), rtol=1e-10, atol=1e-12)
             msq = (x64**2).sum(1).mean()

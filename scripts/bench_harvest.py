@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -212,6 +213,7 @@ def main(argv=None):
         del lm, lms[dtype]
         if gpu:
             torch.cuda.empty_cache()
+    shutil.rmtree(tmp, ignore_errors=True)
     report(results, args, device)
 
 

@@ -1,6 +1,7 @@
 """Does SAELens load saeforge run directories and compute the same SAE? (a check, not a test)
 
-    python -m venv /tmp/saelens-venv && /tmp/saelens-venv/bin/pip install torch==2.13.0 sae-lens
+    python -m venv /tmp/saelens-venv && /tmp/saelens-venv/bin/pip install torch==2.13.0  # CPU wheel first
+    /tmp/saelens-venv/bin/pip install sae-lens
     python scripts/check_saelens.py --saelens-python /tmp/saelens-venv/bin/python
     python scripts/check_saelens.py --saelens-python /tmp/saelens-venv/bin/python --run runs/g1 --run runs/b1
 

@@ -9,8 +9,8 @@
 set -euo pipefail
 OUT=${1:-demo}
 HOOK=blocks.10.hook_resid_post
-TOKENS=${TOKENS:-1000000}
-STEPS=${STEPS:-1000}
+TOKENS=${TOKENS:-500000}
+STEPS=${STEPS:-800}
 D_SAE=${D_SAE:-768}              # Gated width (1.33x d_model); baselines get 1.5x with --equal-compute
 EVAL_TOKENS=${EVAL_TOKENS:-16384}
 

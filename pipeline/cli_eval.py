@@ -52,7 +52,7 @@ def eval_cmd(runs, tokens, batch_size, model, strategy, device, dtype, cache_dir
         saeforge eval runs/sweep1/* --tokens 262144
     """
     errors = _domain_errors()
-    from saeforge.pipeline.evaluate import EvalConfig, evaluate_runs
+    from saeforge.pipeline.eval_runs import EvalConfig, evaluate_runs
 
     try:
         cfg = EvalConfig(tokens=tokens, batch_size=batch_size, model=model, strategy=strategy, device=device,

@@ -14,6 +14,7 @@ tokens alone and skipped without running the LM.
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import json
 import queue
 import threading
@@ -118,18 +119,32 @@ class HarvestConfig:
 
 
 class Batch(NamedTuple):
-    """One forward pass worth of windows, with the rows it contributes to the stream."""
+    """One forward pass worth of windows, with the rows it contributes, all prepared off the main thread."""
 
     seq_idx: np.ndarray
     """(batch,) window index in the packed stream."""
     tokens: torch.Tensor
-    """(batch, pos) int64."""
-    kept: torch.Tensor
-    """(batch, pos) bool: the positions whose rows are appended (after budget and resume trimming)."""
+    """(batch, pos) int64 (pinned when harvesting on CUDA)."""
+    rows: torch.Tensor
+    """(rows,) int64 flat (window * pos + position) indices of the rows appended (after budget and resume
+    trimming), row-major (pinned on CUDA)."""
+    token_ids: np.ndarray
+    """(rows,) token id of each appended row."""
+    row_seq: np.ndarray
+    """(rows,) window index of each appended row."""
+    row_pos: np.ndarray
+    """(rows,) position of each appended row."""
     row_start: int
     """Stream row index of this batch's first row."""
     n_rows: int
     """Rows this batch contributes to the stream (before resume trimming)."""
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """(batch, pos) bool: the positions whose rows are appended."""
+        mask = torch.zeros(self.tokens.numel(), dtype=torch.bool)
+        mask[self.rows] = True
+        return mask.view(self.tokens.shape)
 
 
 class HarvestResult(NamedTuple):
@@ -171,42 +186,79 @@ def provenance(cfg: HarvestConfig, lm, hooks: list[str], record: dict) -> dict:
     }
 
 
-def window_batches(prov: dict, tokenizer, batch_size: int, n_rows: int) -> Iterator[Batch]:
-    """Batches of training windows up to exactly ``n_rows`` kept rows (the last batch trimmed)."""
-    windows = data.train_windows(prov["dataset"], tokenizer, data.rules_from_provenance(prov))
-    row = 0
-    while row < n_rows:
-        chunk = [w for _, w in zip(range(batch_size), windows)]
-        if not chunk:
-            raise data.DatasetError(f"dataset {prov['dataset']['spec']!r} ran out after {row} rows; "
-                                    f"{n_rows} were asked for (lower --tokens or add text)")
-        idx = np.asarray([i for i, _ in chunk], dtype=np.int64)
-        tokens = torch.from_numpy(np.stack([w for _, w in chunk]))
-        kept = data.kept_positions(tokens, prov)
-        _trim_after_(kept, n_rows - row)
-        n = int(kept.sum())
-        yield Batch(idx, tokens, kept, row, n)
-        row += n
+def window_batches(prov: dict, tokenizer, batch_size: int, n_rows: int, skip: int = 0,
+                   pin: bool = False) -> Iterator[Batch]:
+    """Batches of training windows up to exactly ``n_rows`` kept rows (the last batch trimmed).
+
+    Batches whose rows all lie before ``skip`` (staged by an interrupted run) are not yielded; the one
+    straddling it is trimmed. Everything the main thread would otherwise compute per batch (kept
+    positions, flat row indices, the row metadata, pinned host tensors) is prepared here, so
+    :func:`prefetch` does it in the tokenizer thread.
+    """
+    rules = data.rules_from_provenance(prov)
+    special = (None if prov.get("special_token_rule", "exclude") == "keep"
+               else np.asarray(prov["special_token_ids"], dtype=np.int64))
+    row, pend_idx, pend_win = 0, np.zeros(0, dtype=np.int64), None
+    blocks = data.window_blocks(prov["dataset"], tokenizer, rules, block=max(256, 4 * batch_size))
+    for i0, wins in itertools.chain(blocks, [(None, None)]):
+        if wins is not None:
+            idx = np.arange(i0, i0 + len(wins), dtype=np.int64)
+            train = idx % rules.heldout_every != rules.heldout_every - 1
+            idx, wins = idx[train], wins[train]
+            if len(pend_idx):
+                idx, wins = np.concatenate([pend_idx, idx]), np.concatenate([pend_win, wins])
+            stop = len(idx) - len(idx) % batch_size
+        elif pend_win is None:  # the stream was empty
+            break
+        else:  # the stream ended: the last partial batch
+            idx, wins, stop = pend_idx, pend_win, len(pend_idx)
+        for s in range(0, stop, batch_size):
+            b = _make_batch(idx[s:s + batch_size], wins[s:s + batch_size], special, row, n_rows, skip, pin)
+            row += b.n_rows if b is not None else _rows_of(wins[s:s + batch_size], special, n_rows - row)
+            if b is not None:
+                yield b
+            if row >= n_rows:
+                return
+        pend_idx, pend_win = idx[stop:], wins[stop:]
+    raise data.DatasetError(f"dataset {prov['dataset']['spec']!r} ran out after {row} rows; "
+                            f"{n_rows} were asked for (lower --tokens or add text)")
 
 
-def _trim_after_(kept: torch.Tensor, limit: int) -> None:
-    """Keep only the first ``limit`` True positions (row-major) of ``kept``."""
-    flat = kept.view(-1)
-    over = torch.cumsum(flat, 0) > limit
-    flat[over] = False
+def _kept(wins: np.ndarray, special) -> np.ndarray:
+    return np.ones(wins.shape, dtype=bool) if special is None else ~np.isin(wins, special)
 
 
-def _trim_before_(kept: torch.Tensor, skip: int) -> None:
-    """Drop the first ``skip`` True positions (row-major) of ``kept``."""
-    flat = kept.view(-1)
-    flat[torch.cumsum(flat, 0) <= skip] = False
+def _rows_of(wins: np.ndarray, special, limit: int) -> int:
+    return min(int(_kept(wins, special).sum()), limit)
+
+
+def _make_batch(idx, wins, special, row: int, n_rows: int, skip: int, pin: bool) -> Batch | None:
+    """The Batch of windows ``wins`` whose first row is stream row ``row`` (None: all before ``skip``)."""
+    flat = _kept(wins, special).reshape(-1)
+    n_total = int(flat.sum())
+    n = min(n_total, n_rows - row)
+    if row + n <= skip:
+        return None
+    if n < n_total or row < skip:
+        c = np.cumsum(flat)
+        flat &= (c <= n_rows - row) & (c > skip - row)
+    rows = np.flatnonzero(flat)
+    pos_len = wins.shape[1]
+    tokens, rows_t = torch.from_numpy(np.ascontiguousarray(wins)), torch.from_numpy(rows)
+    if pin:
+        tokens, rows_t = tokens.pin_memory(), rows_t.pin_memory()
+    return Batch(seq_idx=idx, tokens=tokens, rows=rows_t, token_ids=wins.reshape(-1)[rows],
+                 row_seq=idx[rows // pos_len], row_pos=rows % pos_len, row_start=row, n_rows=n)
 
 
 def check_rows_available(prov: dict, tokenizer, n_rows: int, batch_size: int) -> None:
-    """Fail before any LM work if a finite local dataset yields fewer than ``n_rows`` rows."""
+    """Fail before any LM work if a finite local dataset yields fewer than ``n_rows`` rows.
+
+    The windows come from the token cache, so this tokenises the needed text once (reused by the run).
+    """
     if prov["dataset"]["kind"] == "hf":
         return  # streamed: a shortfall is reported when the stream ends (the store stays incomplete)
-    for _ in window_batches(prov, tokenizer, batch_size, n_rows):
+    for _ in window_batches(prov, tokenizer, batch_size, n_rows, skip=n_rows):
         pass
 
 
@@ -218,9 +270,7 @@ def run_batches(lm, hooks: list[str], batches: Iterator[Batch], sink: AsyncSink,
     passes = forwarded = 0
     for b in batches:
         if b.row_start + b.n_rows <= skip:
-            continue  # staged by an earlier run: tokens were regenerated, the LM is not run
-        if b.row_start < skip:
-            _trim_before_(b.kept, skip - b.row_start)
+            continue  # staged by an earlier run (window_batches given ``skip`` never yields these)
         acts = capture(lm, sink.to_device(b.tokens), hooks)
         passes, forwarded = passes + 1, forwarded + b.tokens.numel()
         sink.put(acts, b)
@@ -254,7 +304,8 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
         sink = AsyncSink(w, lm.device, cfg.store_dtype, cfg.queue_batches, bar)
         t1 = time.perf_counter()
         try:
-            batches = prefetch(window_batches(prov, lm.tokenizer, cfg.batch_size, cfg.tokens), depth=2)
+            batches = prefetch(window_batches(prov, lm.tokenizer, cfg.batch_size, cfg.tokens, skip=skip,
+                                              pin=sink.cuda), depth=4)
             passes, forwarded = run_batches(lm, hooks, batches, sink, skip, on_batch)
         finally:
             sink.close()
@@ -334,9 +385,12 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 class AsyncSink:
     """Feeds ``StoreWriter.append`` from a background thread behind a bounded queue (one call per batch).
 
-    On CUDA: kept rows are gathered and cast on the device, copied into pinned host memory with
-    ``non_blocking=True`` and an event recorded; the writer thread waits on that event, so the main
-    thread only enqueues work and the GPU never waits for compression or disk.
+    On CUDA: kept rows are gathered and cast on the device and copied with ``non_blocking=True`` into one
+    of a small ring of reusable pinned host buffers (``depth + 1`` slots, allocated once, not per batch);
+    an event is recorded and the writer thread waits on it, copies the rows out (the writer may keep
+    references to what it is given) and only then returns the slot to the ring. The main thread only
+    enqueues work and the GPU never waits for compression or disk. On CPU the rows go to the writer as
+    they are (a view when every position is kept), without extra copies.
     """
 
     def __init__(self, writer, device: str, store_dtype: str, depth: int, bar=None):
@@ -344,49 +398,66 @@ class AsyncSink:
         self.cuda = self.device.type == "cuda"
         self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[store_dtype]
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.free: queue.Queue = queue.Queue()
+        self.slots: list[dict[str, torch.Tensor]] = [{} for _ in range(depth + 1)]
+        for i in range(len(self.slots)):
+            self.free.put(i)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="saeforge-writer", daemon=True)
         self.thread.start()
 
     def to_device(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens.pin_memory().to(self.device, non_blocking=True) if self.cuda else tokens
+        if not self.cuda:
+            return tokens
+        return (tokens if tokens.is_pinned() else tokens.pin_memory()).to(self.device, non_blocking=True)
 
     def put(self, acts: dict[str, torch.Tensor], b: Batch) -> None:
         """Queue the kept rows of ``acts[hook]`` (batch, pos, d); blocks only when ``depth`` batches wait."""
         if self.error is not None:
             raise self.error
-        idx = b.kept.view(-1).nonzero().squeeze(1)  # (rows,) on the host: no device sync needed
-        if len(idx) == 0:
+        n = len(b.rows)
+        if n == 0:
             return
-        pos_len = b.tokens.shape[1]
-        meta = {"token_ids": b.tokens.view(-1)[idx].numpy(), "seq_idx": b.seq_idx[(idx // pos_len).numpy()],
-                "pos": (idx % pos_len).numpy()}
-        event = None
-        if self.cuda:
-            idx_dev = idx.pin_memory().to(self.device, non_blocking=True)
-            rows = {}
-            for h, a in acts.items():
-                sel = a.flatten(0, 1).index_select(0, idx_dev).to(self.dtype)
-                rows[h] = torch.empty(sel.shape, dtype=self.dtype, pin_memory=True).copy_(sel, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            rows = {h: a.flatten(0, 1).index_select(0, idx).to(self.dtype) for h, a in acts.items()}
-        self.queue.put((event, rows, meta, len(idx)))
+        every = n == b.tokens.numel()  # rows are sorted: all of them means the identity
+        meta = {"token_ids": b.token_ids, "seq_idx": b.row_seq, "pos": b.row_pos}
+        if not self.cuda:
+            rows = {h: (a.flatten(0, 1) if every else a.flatten(0, 1).index_select(0, b.rows)).to(self.dtype)
+                    for h, a in acts.items()}
+            self.queue.put((None, None, rows, meta, n))
+            return
+        idx_dev = None if every else b.rows.to(self.device, non_blocking=True)
+        slot = self.free.get()
+        bufs = self.slots[slot]
+        for h, a in acts.items():
+            sel = (a.flatten(0, 1) if every else a.flatten(0, 1).index_select(0, idx_dev)).to(self.dtype)
+            buf = bufs.get(h)
+            if buf is None or buf.shape[0] < n or buf.shape[1:] != sel.shape[1:]:
+                buf = bufs[h] = torch.empty((b.tokens.numel(), *sel.shape[1:]), dtype=self.dtype,
+                                            pin_memory=True)
+            buf[:n].copy_(sel, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.queue.put((event, slot, {h: bufs[h][:n] for h in acts}, meta, n))
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
-            if self.error is not None:
-                continue  # drain after a failure; put() re-raises it in the main thread
-            event, rows, meta, n = item
+            event, slot, rows, meta, n = item
             try:
-                if event is not None:
-                    event.synchronize()
-                self.writer.append(rows, **meta)
-                if self.bar is not None:
-                    self.bar.update(n)
+                if self.error is None:
+                    if event is not None:
+                        event.synchronize()
+                        rows = {h: r.clone() for h, r in rows.items()}  # the slot is reused
+                    if slot is not None:
+                        self.free.put(slot)
+                        slot = None
+                    self.writer.append(rows, **meta)
+                    if self.bar is not None:
+                        self.bar.update(n)
             except BaseException as e:  # noqa: BLE001 (re-raised in the main thread)
                 self.error = e
+            finally:
+                if slot is not None:
+                    self.free.put(slot)  # after a failure: keep draining, never starve put()
 
     def close(self) -> None:
         """Wait for every queued batch to be appended; re-raise a writer failure."""

@@ -10,7 +10,7 @@ set -euo pipefail
 OUT=${1:-demo}
 HOOK=blocks.10.hook_resid_post
 TOKENS=${TOKENS:-500000}
-STEPS=${STEPS:-800}
+STEPS=${STEPS:-2000}
 D_SAE=${D_SAE:-768}              # Gated width (1.33x d_model); baselines get 1.5x with --equal-compute
 EVAL_TOKENS=${EVAL_TOKENS:-16384}
 
@@ -24,7 +24,7 @@ SWEEP=(--store "$OUT/store" --hook "$HOOK" --out "$OUT/sweep" --steps "$STEPS" -
        --lr-warmup-steps 100 --l1-warmup-steps 100 --resample-every 250 --resample-rows 65536
        --autocast bf16 --checkpoint-every 250 --log-every 50
        --arch gated --arch baseline --d-sae "$D_SAE" --equal-compute
-       --l1 3e-3 --l1 1e-2 --l1 3e-2 --l1-baseline 1e-4 --l1-baseline 3e-4 --l1-baseline 1e-3)
+       --l1 1e-3 --l1 3e-3 --l1 1e-2 --l1-baseline 2e-6 --l1-baseline 6e-6 --l1-baseline 2e-5)
 if [ -f "$OUT/sweep/sweep.json" ]; then saeforge sweep "${SWEEP[@]}" --resume; else saeforge sweep "${SWEEP[@]}"; fi
 
 saeforge eval "$OUT"/sweep/*/ --tokens "$EVAL_TOKENS" --batch-size 16

@@ -217,7 +217,7 @@ def store_runs(tmp_path_factory, tiny_model_dir):
 def test_evaluate_runs_writes_eval_json(store_runs, tmp_path):
     import json
 
-    from saeforge.pipeline.evaluate import EvalConfig, evaluate_runs
+    from saeforge.pipeline.eval_runs import EvalConfig, evaluate_runs
 
     store, runs, _ = store_runs
     cfg = EvalConfig(tokens=64, batch_size=2, cache_dir=str(tmp_path / "cache"), device="cpu")

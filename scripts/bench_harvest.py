@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -47,6 +48,7 @@ WORDS = ("the of and to in a is that for it as was with be by on not he I this a
 
 
 def synthetic_corpus(directory: Path, n_words: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     path = directory / "synthetic.txt"
     path.write_text("\n".join(" ".join(rng.choice(WORDS, 2000)) for _ in range(max(1, n_words // 2000))))
@@ -146,17 +148,30 @@ def harvest_tps(lm, cfg, sites, tmp: Path, tag: str, gpu: bool):
     return r.tokens_per_s, r.tokens_forwarded / (r.lm_s + r.write_s), s.mean, r
 
 
-def measure(lm, cfg, batches, layer, tmp, repeats, gpu, with_full):
+def show(tag, dtype, r, key, value):
+    """One measurement, printed (and flushed) as soon as it is taken: a timeout still leaves these."""
+    unit = "%" if key.startswith("gpu") else "tok/s"
+    print(f"  {dtype:<9} repeat {r}  {key:<9}{value:>12,.0f} {unit}", flush=True)
+
+
+def measure(lm, cfg, batches, layer, tmp, repeats, gpu, with_full, dtype=""):
     out = {k: [] for k in ("bare", "full", "h1", "h1_close", "h3", "gpu1", "gpu3")}
-    bare_tps(lm, batches[:2], layer + 1)  # warm-up
+    bare_tps(lm, batches[:2], layer + 1)  # warm-up: kernels, allocator
+    warm = replace(cfg, tokens=min(cfg.tokens, 2 * int(batches[0].numel())))
+    harvest_tps(lm, warm, ["resid_post", "mlp_out", "attn_out"], tmp, "warm", False)  # warm-up: pinned buffers
     for r in range(repeats):  # interleaved, medians: the machine is shared and noisy
-        out["bare"].append(bare_tps(lm, batches, layer + 1))
+        takes = [("bare", bare_tps(lm, batches, layer + 1))]
         if with_full and r == 0:  # once: it is the slowest measurement and only shows what stop_at_layer saves
-            out["full"].append(bare_tps(lm, batches, None))
+            takes.append(("full", bare_tps(lm, batches, None)))
         tps, with_close, util, _ = harvest_tps(lm, cfg, ["resid_post"], tmp, "h1", gpu)
-        out["h1"].append(tps), out["h1_close"].append(with_close), out["gpu1"].append(util)
+        takes += [("h1", tps), ("h1_close", with_close), ("gpu1", util)]
         tps, _, util, _ = harvest_tps(lm, cfg, ["resid_post", "mlp_out", "attn_out"], tmp, "h3", gpu)
-        out["h3"].append(tps), out["gpu3"].append(util)
+        takes += [("h3", tps), ("gpu3", util)]
+        for key, value in takes:
+            if key.startswith("gpu") and not gpu:
+                continue
+            out[key].append(value)
+            show("", dtype, r, key, value)
     return {k: statistics.median(v) for k, v in out.items() if v}
 
 
@@ -169,7 +184,8 @@ def main(argv=None):
     ap.add_argument("--layer", type=int, default=10)
     ap.add_argument("--context-size", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--batches", type=int, default=8, help="forward passes per measurement")
+    ap.add_argument("--batches", type=int, default=8,
+                    help="forward passes per measurement (after a warm-up of 2 passes)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-bf16", action="store_true")
     ap.add_argument("--no-full", action="store_true")
@@ -185,12 +201,14 @@ def main(argv=None):
     n_tokens = args.batches * args.batch_size * args.context_size
     dataset = args.dataset
     if dataset == "synthetic":
-        dataset = str(synthetic_corpus(tmp, 3 * n_tokens + 100_000))
+        os.environ["SAEFORGE_CACHE"] = str(tmp / "cache")  # its token cache goes with the temporary corpus
+    if dataset == "synthetic":  # enough words for the passes (+ held-out windows), no more: ~1 word per token
+        dataset = str(synthetic_corpus(tmp, int(1.2 * n_tokens) + 20_000))
+    tok_text = synthetic_corpus(tmp / "tok", 200_000)  # the BPE is trained on a small sample, fast
 
     def load(dtype):
         if args.model_config:
-            return random_lm(args.model_config, tmp / f"model-{dtype}", Path(dataset if dataset.endswith(".txt")
-                             else synthetic_corpus(tmp, 200_000)), device, dtype)
+            return random_lm(args.model_config, tmp / f"model-{dtype}", tok_text, device, dtype)
         return load_lm(args.model, device=device, dtype=dtype)
 
     results, lms = {}, {}
@@ -208,7 +226,7 @@ def main(argv=None):
         batches = [b.tokens for _, b in stream]
         cfg = replace(cfg, tokens=sum(int(b.kept.sum()) for _, b in stream))
         results[dtype] = measure(lm, cfg, batches, args.layer, tmp, args.repeats, gpu,
-                                 with_full=not args.no_full and dtype == "float32")
+                                 with_full=not args.no_full and dtype == "float32", dtype=dtype)
         results[dtype]["load_s"] = load_s
         del lm, lms[dtype]
         if gpu:

@@ -101,3 +101,53 @@ def test_kept_positions_excludes_special_tokens_by_default(tok):
 def test_window_rules_validate_all_fields():
     with pytest.raises(ValueError, match="context_size must be >= 2.*heldout_every must be >= 2"):
         WindowRules(context_size=1, heldout_every=1)
+
+
+def test_long_documents_are_split_at_line_boundaries_without_changing_the_ids(tok):
+    from saeforge.pipeline.data import can_split, split_document
+
+    rng = np.random.default_rng(1)
+    text = "\n".join(" ".join(rng.choice(WORDS, 30)) + rng.choice(["", ".", "  ", "\n", "\n\n  x"])
+                     for _ in range(3000))
+    pieces = split_document(text, size=4096)
+    assert len(pieces) > 10 and "".join(pieces) == text
+    assert can_split(tok)
+    whole = tok(text, add_special_tokens=False).input_ids
+    parts = [i for p in tok(pieces, add_special_tokens=False).input_ids for i in p]
+    assert parts == whole  # identical ids: the split is only a way to parallelise
+    (doc,) = token_stream(iter([text]), tok)
+    assert doc[:-1].tolist() == whole
+
+
+def test_token_cache_tokenises_once_and_gives_the_streamed_windows(corpus, tok, tmp_path, monkeypatch):
+    from saeforge.pipeline import data
+
+    monkeypatch.setenv("SAEFORGE_CACHE", str(tmp_path / "cache"))
+    rules = WindowRules(context_size=16, heldout_every=4)
+    rec = describe_dataset(str(corpus))
+    streamed = list(pack_windows(token_stream(iter_documents(rec), tok), rules, tok.bos_token_id))
+    cached = [w for _, w in all_windows(rec, tok, rules)]
+    assert len(cached) == len(streamed) and all(np.array_equal(a, b) for a, b in zip(cached, streamed))
+    (npy,) = (tmp_path / "cache" / "tokens").glob("*.full.npy")
+    stream = np.load(npy)
+    assert stream.dtype == np.int32
+    assert stream.tolist() == np.concatenate(list(token_stream(iter_documents(rec), tok))).tolist()
+    calls = []
+    monkeypatch.setattr(data, "token_stream", lambda *a: calls.append(a) or iter(()))
+    again = list(heldout_windows(json.loads(json.dumps(text_provenance(rec, tok, rules))), tok))
+    assert not calls and len(again) == len(cached) // 4  # read from the cache, not re-tokenised
+
+
+def test_token_cache_grows_on_demand(tmp_path, tok, monkeypatch):
+    from saeforge.pipeline import data
+
+    monkeypatch.setenv("SAEFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "MIN_EXTEND_TOKENS", 50)
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in LINES))
+    rec = describe_dataset(str(tmp_path / "d.jsonl"))
+    cache = data.TokenCache.open(rec, tok)
+    assert cache.ensure(60) and not cache.complete and 0 < cache.n_docs < len(LINES)
+    assert not cache.ensure(10**9) and cache.complete and cache.n_docs == len(LINES)
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.npy"))) == 1  # the partial file was replaced
+    full = np.concatenate(list(token_stream(iter(LINES), tok)))
+    assert np.array_equal(data.TokenCache.open(rec, tok).tokens, full)

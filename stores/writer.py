@@ -142,6 +142,15 @@ class StoreWriter:
         finally:
             self._closed = True
             release_lock(self.loc, self._lock)
+        self._remove_state_dir()
+
+    def _remove_state_dir(self) -> None:
+        """A complete store keeps no writer state: plain zarr then lists only arrays and the group."""
+        try:
+            if self.loc.fs.exists(self._state_dir):
+                self.loc.fs.rm(self._state_dir, recursive=True)
+        except OSError:
+            pass  # best effort: an empty leftover folder is harmless
 
     def abort(self) -> None:
         """Stop without finishing: the store stays incomplete and resumable."""

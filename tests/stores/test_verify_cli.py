@@ -108,3 +108,15 @@ def test_plain_zarr_and_dask_can_read_and_understand_a_store(store_path):
     assert np.array_equal(tokens, s.token_ids())
     mean = as_fp32.astype(np.float64).mean(0)
     np.testing.assert_allclose(mean, attrs["stats"][HOOK]["mean"], rtol=1e-9, atol=1e-12)
+
+
+def test_a_complete_store_lists_cleanly_in_plain_zarr(store_path):
+    import warnings
+
+    import zarr
+
+    assert not (store_path / ".saeforge").exists()  # writer state (lock, progress, staging) is gone
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # zarr warns about any folder that is not part of the hierarchy
+        names = sorted(name for name, _ in zarr.open_group(str(store_path), mode="r").members())
+    assert names == sorted([HOOK, "pos", "seq_idx", "token_ids"])

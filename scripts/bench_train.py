@@ -55,7 +55,7 @@ def gemm_gflops(B, n, M, dtype, device, steps) -> float:
 
 def step_time(saes, args, device, autocast, steps) -> float:
     train = TrainConfig(steps=10 ** 9, batch_rows=args.batch, lr_warmup_steps=0, resample_every=0, autocast=autocast,
-                        compile=args.compile)
+                        compile=args.compile, stack_mib=args.stack_mib)
     trainer = SweepTrainer(saes, train, args.d_in, device=device)
     x = torch.randn(args.batch, args.d_in, device=device)
     return timed(lambda: trainer.train_step(x), device, steps, warmup=3 if args.compile else 2)
@@ -108,7 +108,7 @@ def data_wait(args, device) -> dict:
         steps = args.store_steps
         train = TrainConfig(hook=hook, steps=steps, batch_rows=args.batch, log_every=steps, checkpoint_every=0,
                             resample_every=0, autocast="bf16" if "bf16" in args.dtypes else "none",
-                            device=str(device), compile=args.compile)
+                            device=str(device), compile=args.compile, stack_mib=args.stack_mib)
         t0 = time.perf_counter()
         summary = train_from_store(path, [SAEConfig(arch="gated", d_sae=args.d_sae)], train, Path(tmp) / "run",
                                    progress=False)[0]
@@ -130,6 +130,7 @@ def main():
     p.add_argument("--store-steps", type=int, default=40)
     p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "sweep", "store"])
     p.add_argument("--compile", action="store_true", help="torch.compile the loss")
+    p.add_argument("--stack-mib", type=int, default=0, help="TrainConfig.stack_mib (0: auto)")
     p.add_argument("--tmp", default=None, help="directory for the temporary store")
     args = p.parse_args()
     device = torch.device(args.device)

@@ -21,6 +21,7 @@ TRAIN_FLAGS = [
     click.option("--autocast", type=click.Choice(["none", "bf16"]), help="Mixed precision [none]."),
     click.option("--device", help="auto, cpu, cuda, cuda:N [auto]."),
     click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the loss [off]."),
+    click.option("--stack-mib", type=int, help="Max MiB of one stacked (K, rows, d_sae) activation [0: auto]."),
     click.option("--log-every", type=int, help="Steps between metrics lines [100]."),
     click.option("--checkpoint-every", type=int, help="Steps between checkpoints [5000]."),
     click.option("--data-seed", type=int, help="Loader chunk-order seed [0]."),

@@ -158,6 +158,11 @@ class TrainConfig:
     compile: bool = False
     """Fuse the loss's elementwise work with `torch.compile` (GPU; first steps pay the compile time)."""
 
+    stack_mib: int = 0
+    """Upper bound, in MiB, on one stacked module's (K, batch_rows, d_sae) fp32 activation tensor: SAEs of one
+    shape are stacked in groups small enough to fit it (0: auto, 64 MiB on CPU where big stacks thrash
+    memory, unbounded on GPU). Results do not depend on it."""
+
     device: str = "auto"
     """`auto` (cuda if available), `cpu`, `cuda`, `cuda:1`, ..."""
 
@@ -178,6 +183,8 @@ class TrainConfig:
         positive = dict(steps=self.steps, batch_rows=self.batch_rows, log_every=self.log_every,
                         resample_lr_steps=self.resample_lr_steps, resample_rows=self.resample_rows,
                         loader_threads=self.loader_threads)
+        if self.stack_mib < 0:
+            problems.append(f"stack_mib must be >= 0, got {self.stack_mib!r}")
         problems += [f"{k} must be a positive integer, got {v!r}" for k, v in positive.items()
                      if not isinstance(v, int) or v < 1]
         nonneg = dict(lr_warmup_steps=self.lr_warmup_steps, l1_warmup_steps=self.l1_warmup_steps,

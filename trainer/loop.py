@@ -84,8 +84,17 @@ class SweepTrainer:
         for i, cfg in enumerate(self.saes):
             keys.setdefault(cfg.group_key(), []).append(i)
         msn = float(d_in) if mean_sq_norm is None else mean_sq_norm
-        self.groups = [_Group([self.saes[i] for i in idx], idx, d_in, train, self.device, dtype, b_dec, msn)
-                       for idx in keys.values()]
+        self.groups = [_Group([self.saes[i] for i in chunk], chunk, d_in, train, self.device, dtype, b_dec, msn)
+                       for idx in keys.values() for chunk in self._stacks(idx)]
+
+    def _stacks(self, idx: list[int]) -> list[list[int]]:
+        """Split SAEs of one shape into stacks whose (K, rows, d_sae) activations fit `train.stack_mib`."""
+        mib = self.train.stack_mib or (64 if self.device.type == "cpu" else 0)
+        if not mib:
+            return [idx]
+        per_sae = self.train.batch_rows * self.saes[idx[0]].d_sae * 4
+        k = max(1, (mib << 20) // per_sae)
+        return [idx[i:i + k] for i in range(0, len(idx), k)]
 
     def _autocast(self):
         if self.train.autocast == "bf16":

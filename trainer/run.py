@@ -23,7 +23,7 @@ from saeforge.trainer.prefetch import Prefetcher
 
 SWEEP_FILE = "sweep.json"
 # TrainConfig fields a resumed run may change (they do not alter what is trained).
-RESUMABLE = {"steps", "log_every", "checkpoint_every", "device", "loader_threads", "compile"}
+RESUMABLE = {"steps", "log_every", "checkpoint_every", "device", "loader_threads", "compile", "stack_mib"}
 
 
 def resolve_device(device: str) -> torch.device:

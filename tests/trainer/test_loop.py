@@ -53,6 +53,21 @@ def test_sweep_of_k_equals_k_separate_runs():
             torch.testing.assert_close(t, alone.sae(0).state_dict()[name], rtol=1e-9, atol=1e-10)
 
 
+def test_stack_size_bound_splits_stacks_without_changing_results():
+    from dataclasses import replace
+
+    saes = [SAEConfig(arch="gated", d_sae=16, l1_coefficient=0.5 * (i + 1), lr=1e-2, seed=i) for i in range(3)]
+    base = replace(TRAIN, batch_rows=8192)  # one SAE's (rows, d_sae) fp32 activation: 8192 * 16 * 4 B = 0.5 MiB
+    tight = replace(base, stack_mib=1)  # 1 MiB holds two of them
+    stacked, _ = run(saes, train=base, steps=20)
+    split, _ = run(saes, train=tight, steps=20)
+    assert [len(g.indices) for g in stacked.groups] == [3]
+    assert [len(g.indices) for g in split.groups] == [2, 1]
+    for i in range(3):
+        for name, t in stacked.sae(i).state_dict().items():
+            torch.testing.assert_close(t, split.sae(i).state_dict()[name], rtol=1e-12, atol=1e-12)
+
+
 def test_resume_from_saved_state_equals_uninterrupted_run():
     full, _ = run(SAES[:2])
     first, _ = run(SAES[:2], steps=20)

@@ -1,7 +1,8 @@
 """Sweep reports from eval.json files: a table (CSV + markdown) and PNG plots.
 
 Plots: the Pareto plot (L0 on a log axis vs loss recovered, one series per architecture, arXiv 2404.16014
-Fig. 1), γ vs L0 (Fig. 6), and a log10 feature-density histogram per SAE. matplotlib runs on the Agg backend.
+Fig. 1), γ vs L0 (Fig. 6), training curves from each run's metrics.jsonl, and a log10 feature-density
+histogram per SAE. matplotlib runs on the Agg backend.
 """
 from __future__ import annotations
 
@@ -129,6 +130,39 @@ def plot_density(row: dict, path: Path) -> Path:
     return path
 
 
+CURVES = [("l0", "L0", True), ("explained_variance", "explained variance", False), ("gamma", "γ", False),
+          ("dead_fraction", "dead fraction", False)]
+
+
+def plot_training_curves(rows: list[dict], sweep_dir: Path, path: Path) -> Path | None:
+    """L0, explained variance, γ and dead fraction against step for every run with a metrics.jsonl."""
+    runs = []
+    for r in rows:
+        f = sweep_dir / r["run"] / "metrics.jsonl"
+        if f.is_file():
+            runs.append((r, [json.loads(line) for line in f.read_text().splitlines() if line.strip()]))
+    if not runs:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.6))
+    for ax, (key, label, log) in zip(axes, CURVES):
+        for r, lines in runs:
+            pts = [(m["step"], m[key]) for m in lines if m.get(key) is not None]
+            color, _ = ARCH_STYLE.get(r["architecture"], ("tab:gray", "^"))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, alpha=0.8, lw=1.2,
+                    label=f"{r['architecture']} λ={_fmt(r.get('l1_coefficient'))}")
+        ax.set_xlabel("step")
+        ax.set_title(label)
+        ax.grid(True, alpha=0.3)
+        if log:
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, list[str]]:
     """Write the table and plots for a sweep; returns {"table": [...], "plots": [...]} paths."""
     sweep_dir = Path(sweep_dir)
@@ -143,5 +177,7 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict
         _scatter(rows, "gamma", "γ (relative reconstruction bias, eq. 10)", f"Shrinkage: γ vs L0 — {site}",
                  out / "gamma_vs_l0.png", hline=1.0),
     ]
+    curves = plot_training_curves(rows, sweep_dir, out / "training_curves.png")
+    plots += [curves] if curves else []
     plots += [plot_density(r, out / f"density_{r['run']}.png") for r in rows]
     return {"table": [str(p) for p in write_table(rows, out)], "plots": [str(p) for p in plots]}

@@ -49,6 +49,17 @@ def test_plot_sweep_writes_table_and_pngs(tmp_path):
     assert open(md_path).read().count("\n") == 2 + 4
 
 
+def test_training_curves_come_from_each_runs_metrics(tmp_path):
+    sweep = _fake_sweep(tmp_path / "sweep")
+    for name in ["r0", "r2"]:
+        lines = [{"step": s, "l0": 100 / s, "explained_variance": 1 - 1 / s, "gamma": 1.0, "dead_fraction": 0.0}
+                 for s in (10, 20, 30)]
+        (sweep / name / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines) + "\n")
+    out = plot_sweep(sweep)
+    curves = [p for p in out["plots"] if p.endswith("training_curves.png")]
+    assert len(curves) == 1 and _is_png(curves[0]) and len(out["plots"]) == 3 + 4
+
+
 def test_plot_errors_name_what_is_missing(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PlotError, match="saeforge eval"):

@@ -75,14 +75,14 @@ def gated_loss(sae: GatedSAE, x: Tensor, l1_coefficient: Tensor | float, *, reco
     ReLU(pi_gate) through a frozen decoder (stop-gradient on W_dec and b_dec in that term only)."""
     f, pi_gate, *_ = sae.encode_full(x)
     x_hat = sae.decode(f)
-    W_dec, b_dec = sae.W_dec, sae.b_dec
+    W_dec, b_dec, gate_acts = sae.W_dec, sae.b_dec, relu(pi_gate)
     if freeze_aux_decoder:
-        x_hat_gate = relu(pi_gate) @ W_dec.detach() + b_dec.detach()
+        x_hat_gate = gate_acts @ W_dec.detach() + b_dec.detach()
     else:  # the "unfreeze decoder" ablation and the anthropic regime
-        x_hat_gate = relu(pi_gate) @ W_dec + b_dec
+        x_hat_gate = gate_acts @ W_dec + b_dec
     sq_err = squared_error(x, x_hat)
     l_recon = recon_scale * sq_err.mean(-1)
-    l_sparsity = _as_stack(l1_coefficient, l_recon) * _l1(relu(pi_gate), sae, weight_l1_by_decoder_norm)
+    l_sparsity = _as_stack(l1_coefficient, l_recon) * _l1(gate_acts, sae, weight_l1_by_decoder_norm)
     l_aux = recon_scale * squared_error(x, x_hat_gate).mean(-1)
     return LossOutput((l_recon + l_sparsity + l_aux).sum(), l_recon, l_sparsity, l_aux, f, x_hat, sq_err.detach())
 

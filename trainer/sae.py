@@ -42,6 +42,13 @@ def _bias_shape(n_stack: int | None, d: int) -> tuple[int, ...]:
     return (d,) if n_stack is None else (n_stack, 1, d)
 
 
+def centered_matmul(x: Tensor, b_dec: Tensor, W: Tensor) -> Tensor:
+    """(x - b_dec) @ W, with b_dec's gradient at the cost of a vector-matrix product instead of a
+    (rows, d_in) matmul: the centred input enters with b_dec detached, and the zero-valued term
+    (b_dec.detach() - b_dec) @ W carries -sum_rows(grad) @ W^T to b_dec. Values are unchanged bit for bit."""
+    return (x - b_dec.detach()) @ W + (b_dec.detach() - b_dec) @ W
+
+
 class _SAEBase(nn.Module):
     W_dec: nn.Parameter
     b_dec: nn.Parameter
@@ -80,7 +87,7 @@ class BaselineSAE(_SAEBase):
         self.b_enc = nn.Parameter(torch.zeros(_bias_shape(n_stack, d_sae), dtype=dtype))
 
     def encode_full(self, x: Tensor) -> BaselineEncoding:
-        pre_acts = (x - self.b_dec) @ self.W_enc + self.b_enc
+        pre_acts = centered_matmul(x, self.b_dec, self.W_enc) + self.b_enc
         return BaselineEncoding(relu(pre_acts), pre_acts)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -121,13 +128,12 @@ class GatedSAE(_SAEBase):
         return self.W_gate
 
     def encode_full(self, x: Tensor) -> GatedEncoding:
-        x_center = x - self.b_dec
-        x_enc = x_center @ self.W_gate
+        x_enc = centered_matmul(x, self.b_dec, self.W_gate)  # (x - b_dec) W_gate
         pi_gate = x_enc + self.b_gate
         if self.tie_weights:
-            pi_mag = self.r_mag.exp() * x_enc + self.b_mag  # W_mag = exp(r_mag) ⊙ W_gate (Eq. 7)
+            pi_mag = torch.addcmul(self.b_mag, self.r_mag.exp(), x_enc)  # W_mag = exp(r_mag) ⊙ W_gate (Eq. 7)
         else:
-            pi_mag = x_center @ self.W_mag + self.b_mag
+            pi_mag = centered_matmul(x, self.b_dec, self.W_mag) + self.b_mag
         f_gate = (pi_gate > 0).to(pi_mag.dtype)  # strict Heaviside, mask in the model dtype (SAELens #217)
         f_mag = relu(pi_mag)
         return GatedEncoding(f_gate * f_mag, pi_gate, pi_mag, f_gate, f_mag)

@@ -274,3 +274,21 @@ def test_14_decoder_norm_folding_keeps_forward_and_r_mag(kw, x):
     y = base(x)
     fold_decoder_norms_(base)
     assert torch.allclose(base(x), y, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("stack", [None, 3])
+def test_centered_matmul_is_x_minus_b_dec_times_W_in_value_and_gradient(stack):
+    from saeforge.trainer.sae import centered_matmul
+
+    g = torch.Generator().manual_seed(0)
+    lead = () if stack is None else (stack,)
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(*lead, *((1,) if stack else ()), 4, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(*lead, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    fast, ref = centered_matmul(x, b, W), (x - b) @ W
+    assert torch.equal(fast, ref)  # the extra term is an exact zero
+    w = torch.randn(fast.shape, generator=g, dtype=torch.float64)
+    grads_fast = torch.autograd.grad((fast * w).sum(), [b, W])
+    grads_ref = torch.autograd.grad((ref * w).sum(), [b, W])
+    for a, r in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)

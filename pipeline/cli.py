@@ -7,8 +7,14 @@ import click
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="saeforge")
-def main():
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads torch may use [torch's default]; fewer is faster when other jobs share the cores.")
+def main(threads):
     """saeforge: harvest LM activations into Zarr stores, train baseline and Gated SAEs, evaluate them."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 from saeforge.trainer.cli import train, sweep  # noqa: E402
 main.add_command(train); main.add_command(sweep)

@@ -271,7 +271,8 @@ def all_windows(record: dict, tokenizer, rules: WindowRules) -> Iterator[tuple[i
         yield from enumerate(wins, i0)
 
 
-def is_heldout(index: int, rules: WindowRules) -> bool:
+def is_heldout(index, rules: WindowRules):
+    """Whether window ``index`` (an int, or elementwise over an integer array) is held out."""
     return index % rules.heldout_every == rules.heldout_every - 1
 
 

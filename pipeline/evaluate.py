@@ -36,6 +36,7 @@ from typing import Iterable, Literal, NamedTuple
 import torch
 
 from saeforge.pipeline import metrics as M
+from saeforge.pipeline.lm import stop_layer
 
 Strategy = Literal["auto", "shared_prefix", "full"]
 _SITE_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -137,8 +138,7 @@ class _Engine:
             return fn
 
         hooks = [(n, grab(n)) for n in names]
-        matches = [_SITE_RE.match(n) for n in names]
-        stop = max(int(m.group(1)) + 1 if m else self.n_layers for m in matches)
+        stop = stop_layer(names) or self.n_layers
         if self.strategy == "full" or stop >= self.n_layers:
             return got, self.bridge.run_with_hooks(tokens, fwd_hooks=hooks)
         self.bridge.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=stop)

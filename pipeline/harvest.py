@@ -196,14 +196,12 @@ def window_batches(prov: dict, tokenizer, batch_size: int, n_rows: int, skip: in
     :func:`prefetch` does it in the tokenizer thread.
     """
     rules = data.rules_from_provenance(prov)
-    special = (None if prov.get("special_token_rule", "exclude") == "keep"
-               else np.asarray(prov["special_token_ids"], dtype=np.int64))
     row, pend_idx, pend_win = 0, np.zeros(0, dtype=np.int64), None
     blocks = data.window_blocks(prov["dataset"], tokenizer, rules, block=max(256, 4 * batch_size))
     for i0, wins in itertools.chain(blocks, [(None, None)]):
         if wins is not None:
             idx = np.arange(i0, i0 + len(wins), dtype=np.int64)
-            train = idx % rules.heldout_every != rules.heldout_every - 1
+            train = ~data.is_heldout(idx, rules)
             idx, wins = idx[train], wins[train]
             if len(pend_idx):
                 idx, wins = np.concatenate([pend_idx, idx]), np.concatenate([pend_win, wins])
@@ -213,8 +211,8 @@ def window_batches(prov: dict, tokenizer, batch_size: int, n_rows: int, skip: in
         else:  # the stream ended: the last partial batch
             idx, wins, stop = pend_idx, pend_win, len(pend_idx)
         for s in range(0, stop, batch_size):
-            b = _make_batch(idx[s:s + batch_size], wins[s:s + batch_size], special, row, n_rows, skip, pin)
-            row += b.n_rows if b is not None else _rows_of(wins[s:s + batch_size], special, n_rows - row)
+            b = _make_batch(idx[s:s + batch_size], wins[s:s + batch_size], prov, row, n_rows, skip, pin)
+            row += b.n_rows if b is not None else _rows_of(wins[s:s + batch_size], prov, n_rows - row)
             if b is not None:
                 yield b
             if row >= n_rows:
@@ -224,17 +222,17 @@ def window_batches(prov: dict, tokenizer, batch_size: int, n_rows: int, skip: in
                             f"{n_rows} were asked for (lower --tokens or add text)")
 
 
-def _kept(wins: np.ndarray, special) -> np.ndarray:
-    return np.ones(wins.shape, dtype=bool) if special is None else ~np.isin(wins, special)
+def _kept(wins: np.ndarray, prov: dict) -> np.ndarray:
+    return data.kept_positions(torch.from_numpy(wins), prov).numpy()
 
 
-def _rows_of(wins: np.ndarray, special, limit: int) -> int:
-    return min(int(_kept(wins, special).sum()), limit)
+def _rows_of(wins: np.ndarray, prov: dict, limit: int) -> int:
+    return min(int(_kept(wins, prov).sum()), limit)
 
 
-def _make_batch(idx, wins, special, row: int, n_rows: int, skip: int, pin: bool) -> Batch | None:
+def _make_batch(idx, wins, prov: dict, row: int, n_rows: int, skip: int, pin: bool) -> Batch | None:
     """The Batch of windows ``wins`` whose first row is stream row ``row`` (None: all before ``skip``)."""
-    flat = _kept(wins, special).reshape(-1)
+    flat = _kept(wins, prov).reshape(-1)
     n_total = int(flat.sum())
     n = min(n_total, n_rows - row)
     if row + n <= skip:

@@ -85,7 +85,7 @@ def save_sae(sae: SAE, run_dir: str | Path, *, hook_name: str, input_scale: floa
     `run_dir` in the original scale. Both files are replaced atomically. Returns the run directory."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    one = unstack(sae, 0) if sae.n_stack is not None else unstack_copy(sae)
+    one = unstack(sae)
     one = one.float()
     fold_input_scale_(one, input_scale)
     record = {**(saeforge or {}), "input_scale": input_scale, "weights_scale": "original"}
@@ -96,13 +96,6 @@ def save_sae(sae: SAE, run_dir: str | Path, *, hook_name: str, input_scale: floa
     os.replace(tmp, run_dir / WEIGHTS_FILE)
     write_atomic(run_dir / CFG_FILE, json.dumps(cfg, indent=2, sort_keys=False))
     return run_dir
-
-
-def unstack_copy(sae: SAE) -> SAE:
-    kw = dict(tie_weights=sae.tie_weights, use_r_mag=sae.use_r_mag) if isinstance(sae, GatedSAE) else {}
-    one = make_sae(sae.architecture, sae.d_in, sae.d_sae, dtype=sae.W_dec.dtype, **kw)
-    one.load_state_dict({k: v.detach().cpu().clone() for k, v in sae.state_dict().items()})
-    return one
 
 
 def read_cfg(run_dir: str | Path) -> dict:

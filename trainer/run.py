@@ -47,8 +47,7 @@ def run_dirs_for(out: Path, saes: list[SAEConfig], sweep: bool) -> list[Path]:
 def run_record(sae: SAEConfig, train: TrainConfig, *, store: str, d_in: int, input_scale: float) -> dict:
     """What identifies a run (saved under cfg.json's `saeforge` key and compared on resume)."""
     return {"sae": config_dict(sae), "train": config_dict(train), "store": store, "d_in": d_in,
-            "input_scale": input_scale,
-            "recon_scale_convention": train.loss_scaling}
+            "input_scale": input_scale}  # train.loss_scaling names the loss convention used
 
 
 def _differences(saved: dict, wanted: dict) -> list[str]:
@@ -189,7 +188,7 @@ def train_from_store(store: str | Path, saes: list[SAEConfig], train: TrainConfi
     finally:
         prefetch.close()
         run.bar.close()
-    return [{"run_dir": str(d), **({k: v for k, v in row.items()}), "arch": s.arch, "d_sae": s.d_sae,
+    return [{"run_dir": str(d), **row, "arch": s.arch, "d_sae": s.d_sae,
              "recon_scale": recon_scale(train.loss_scaling, s.arch, d_in, float(stats.mean_sq_norm) * scale ** 2),
              "loader_wait_s": round(prefetch.wait_s, 3)}
             for d, s, row in zip(run_dirs, saes, run.last or [{}] * len(saes))]

@@ -192,11 +192,11 @@ def _slice(t: Tensor, k: int, n_stack: int | None) -> Tensor:
     return t if n_stack is None else t[k]
 
 
-def unstack(sae: SAE, k: int) -> SAE:
-    """SAE number `k` of a stacked module as a plain one-SAE module (a copy)."""
+def unstack(sae: SAE, k: int = 0) -> SAE:
+    """SAE number `k` of a stacked module as a plain one-SAE module (a copy; a plain module is copied)."""
     kw = dict(tie_weights=sae.tie_weights, use_r_mag=sae.use_r_mag) if isinstance(sae, GatedSAE) else {}
     one = make_sae(sae.architecture, sae.d_in, sae.d_sae, dtype=sae.W_dec.dtype, **kw).to(sae.W_dec.device)
-    state = {name: t.detach()[k].reshape(getattr(one, name).shape).clone()
+    state = {name: _slice(t.detach(), k, sae.n_stack).reshape(getattr(one, name).shape).clone()
              for name, t in sae.state_dict().items()}
     one.load_state_dict(state)
     return one

@@ -9,7 +9,6 @@ import json
 import click
 
 TRAIN_FLAGS = [
-    click.option("--hook", help="Hook point (store array) to train on."),
     click.option("--steps", type=int, help="Optimiser steps [300000]."),
     click.option("--batch-rows", type=int, help="Activations per step [4096]."),
     click.option("--lr-warmup-steps", type=int, help="Linear LR warm-up [1000]."),
@@ -18,7 +17,8 @@ TRAIN_FLAGS = [
                  help="Reconstruction-term scaling [paper: /n, baselines also /E||x||^2]."),
     click.option("--resample-every", type=int, help="Resample dead features every N steps [25000; 0: off]."),
     click.option("--resample-rows", type=int, help="Inputs scored for resampling [819200]."),
-    click.option("--autocast", type=click.Choice(["none", "bf16"]), help="Mixed precision [none]."),
+    click.option("--autocast", type=click.Choice(["auto", "none", "bf16"]),
+                 help="Mixed precision [auto: bf16 where the device runs it natively and faster, else none]."),
     click.option("--device", help="auto, cpu, cuda, cuda:N [auto]."),
     click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the loss [off]."),
     click.option("--stack-mib", type=int, help="Max MiB of one stacked (K, rows, d_sae) activation [0: auto]."),
@@ -28,7 +28,9 @@ TRAIN_FLAGS = [
     click.option("--store", "store", help="Activation store (path or URL)."),
     click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
                  help="TOML file with any of these options (flags win)."),
-    click.option("--resume", is_flag=True, help="Continue the run in the output directory from its checkpoint."),
+    click.option("--resume", is_flag=True,
+                 help="Insist on continuing a run (rerunning a command resumes a partial run and skips a complete one "
+                      "anyway)."),
     click.option("--quiet", is_flag=True, help="No progress bar."),
 ]
 
@@ -73,7 +75,8 @@ def _run(store, saes, train, out, *, sweep, resume, quiet):
 
 @click.command()
 @_options(TRAIN_FLAGS)
-@click.option("--out", help="Run directory to create (or to resume with --resume).")
+@click.option("--hook", help="Hook point (store array) to train on.")
+@click.option("--out", help="Run directory (rerun the same command to resume it; a complete run is left as is).")
 @click.option("--arch", type=click.Choice(["baseline", "gated"]), help="Architecture [gated].")
 @click.option("--d-sae", type=int, help="Dictionary width [4608].")
 @click.option("--l1", "l1_coefficient", type=float, help="Sparsity coefficient lambda [1e-3].")
@@ -103,7 +106,9 @@ def train(config_file, out, resume, quiet, store, **flags):
 
 @click.command()
 @_options(TRAIN_FLAGS)
-@click.option("--out", help="Sweep directory: sweep.json plus one run directory per SAE.")
+@click.option("--hook", "hooks", multiple=True,
+              help="Hook point(s) to train on (repeatable: one read of each batch feeds the SAEs of every hook).")
+@click.option("--out", help="Sweep directory: sweep.json plus one run directory per SAE (rerun to resume).")
 @click.option("--arch", "archs", multiple=True, type=click.Choice(["baseline", "gated"]),
               help="Architectures (repeat the flag) [gated].")
 @click.option("--d-sae", "d_saes", multiple=True, type=int, help="Widths (repeatable) [4608].")
@@ -114,10 +119,15 @@ def train(config_file, out, resume, quiet, store, **flags):
 @click.option("--lr", type=float, help="Peak learning rate of every SAE [3e-4].")
 @click.option("--equal-compute/--no-equal-compute", default=None,
               help="Baseline SAEs get 1.5x the given width (the paper's equal-compute comparison).")
-def sweep(config_file, out, resume, quiet, store, archs, d_saes, l1s, l1s_baseline, seeds, lr, equal_compute,
+def sweep(config_file, out, resume, quiet, store, hooks, archs, d_saes, l1s, l1s_baseline, seeds, lr, equal_compute,
           **flags):
     """Train many SAEs (grid of arch x width x lambda x seed, plus [[sae]] entries of the TOML file) on the
     same batches in one pass over the store; SAEs of one shape train as one batched module.
+
+    Lambdas are in the paper's units (arXiv 2404.16014 App. D.1: loss on raw activations, reconstruction / n,
+    and / E||x||^2 for baselines), whatever the store's normalisation. Several --hook values train the grid at
+    every hook (per-hook lambdas: [[sae]] entries with `hook` in the TOML file). Rerunning the same command
+    resumes an interrupted sweep and leaves a complete one as it is.
 
     Example: saeforge sweep --store acts.zarr --hook blocks.1.hook_resid_post --arch gated --arch baseline
     --l1 1e-3 --l1 3e-3 --l1-baseline 1e-4 --d-sae 4096 --equal-compute --out runs/sweep1"""
@@ -127,7 +137,9 @@ def sweep(config_file, out, resume, quiet, store, archs, d_saes, l1s, l1s_baseli
     file = read_toml(config_file) if config_file else {}
     store, out = store or file.get("store"), out or file.get("out")
     train_flags, _ = _split_flags(flags)
-    grid_flags = {"arch": list(archs) or None, "d_sae": list(d_saes) or None, "l1_coefficient": list(l1s) or None,
+    if len(hooks) == 1:
+        train_flags["hook"] = hooks[0]
+    grid_flags = {"hook": list(hooks) if len(hooks) > 1 else None, "arch": list(archs) or None, "d_sae": list(d_saes) or None, "l1_coefficient": list(l1s) or None,
                   "l1_coefficient_baseline": list(l1s_baseline) or None, "seed": list(seeds) or None, "lr": lr}
     try:
         unknown = sorted(set(file) - {"store", "out", "train", "grid", "sae", "equal_compute"})

@@ -6,6 +6,7 @@ here, so each run directory records what was used.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +32,10 @@ class SAEConfig:
     """Dictionary width M (features)."""
 
     l1_coefficient: float = 1e-3
-    """lambda, the sparsity coefficient; its meaning depends on `TrainConfig.loss_scaling` (PAPER §3.6)."""
+    """lambda, the sparsity coefficient, in the paper's units: the coefficient of the L1 term when the loss is
+    computed on the RAW activations with the reconstruction scaled as `TrainConfig.loss_scaling` says
+    (arXiv 2404.16014 App. D.1: 1/n, and 1/E||x||^2 for baselines). Input normalisation does not change
+    its meaning: the trainer converts it (`trainer/losses.py: l1_training_factor`)."""
 
     lr: float = 3e-4
     """Peak Adam learning rate (paper: 3e-4 for Gated; 1e-3 / 7.5e-4 for the Pythia / Gemma baselines)."""
@@ -54,8 +58,12 @@ class SAEConfig:
     use_r_mag: bool = True
     """Gated only: learn r_mag. False fixes r_mag = 0 (not trainable), the "no r_mag" ablation."""
 
+    hook: str | None = None
+    """Hook point (store array) this SAE trains on; None: the run's `TrainConfig.hook`. SAEs of several hooks
+    of one store train in one sweep from the same batches (one read feeds them all)."""
+
     name: str | None = None
-    """Run directory name inside a sweep; None derives one from arch, width, lambda and seed."""
+    """Run directory name inside a sweep; None derives one from hook, arch, width, lambda and seed."""
 
     def __post_init__(self):
         problems = []
@@ -90,11 +98,18 @@ class SAEConfig:
 
     @property
     def run_name(self) -> str:
-        return self.name or f"{self.arch}_d{self.d_sae}_l1-{self.l1_coefficient:g}_s{self.seed}"
+        site = f"{hook_short_name(self.hook)}_" if self.hook else ""
+        return self.name or f"{site}{self.arch}_d{self.d_sae}_l1-{self.l1_coefficient:g}_s{self.seed}"
 
     def group_key(self) -> tuple:
         """SAEs with equal keys have equal shapes and loss code, so they train as one stacked module."""
-        return (self.arch, self.d_sae, self.regime, self.frozen_aux, self.tie_weights, self.use_r_mag)
+        return (self.hook, self.arch, self.d_sae, self.regime, self.frozen_aux, self.tie_weights, self.use_r_mag)
+
+
+def hook_short_name(hook: str) -> str:
+    """`blocks.10.hook_resid_post` -> `L10.resid_post` (run-directory names, plot labels)."""
+    m = re.match(r"blocks\.(\d+)\.(?:hook_)?(.+)$", hook)
+    return f"L{m.group(1)}.{m.group(2).replace('hook_', '')}" if m else hook
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,8 +167,9 @@ class TrainConfig:
     resample_lr_steps: int = 1000
     """Length of that cosine (paper D.1.1: 1000 steps)."""
 
-    autocast: Literal["none", "bf16"] = "none"
-    """Mixed precision for forward and loss: `bf16` autocast (weights and optimiser stay fp32)."""
+    autocast: Literal["auto", "none", "bf16"] = "auto"
+    """Mixed precision for forward and loss: `bf16` autocast (weights and optimiser stay fp32), `none`, or
+    `auto`: bf16 only where the device runs it natively and faster (`trainer/device.py`), else none."""
 
     compile: bool = False
     """Fuse the loss's elementwise work with `torch.compile` (GPU; first steps pay the compile time)."""
@@ -198,8 +214,8 @@ class TrainConfig:
             problems.append(f"resample_lr_floor must be in (0, 1], got {self.resample_lr_floor!r}")
         if self.loss_scaling not in ("paper", "per_dim", "sum"):
             problems.append(f"loss_scaling must be paper, per_dim or sum, got {self.loss_scaling!r}")
-        if self.autocast not in ("none", "bf16"):
-            problems.append(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
+        if self.autocast not in ("auto", "none", "bf16"):
+            problems.append(f"autocast must be 'auto', 'none' or 'bf16', got {self.autocast!r}")
         if self.dead_window is not None and self.dead_window < 1:
             problems.append(f"dead_window must be >= 1, got {self.dead_window!r}")
         if problems:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from saeforge.trainer.config import SAEConfig, TrainConfig
-from saeforge.trainer.losses import recon_scale, sae_loss, squared_error
+from saeforge.trainer.losses import l1_training_factor, recon_scale, sae_loss, squared_error
 from saeforge.trainer.optim import (StackAdam, normalize_decoder_, project_decoder_grad_, resample_multiplier,
                                     warmup_multiplier)
 from saeforge.trainer.resample import resample_features_
@@ -39,18 +39,21 @@ class StepStats(NamedTuple):
 
 
 class _Group:
-    """SAEs of one shape trained as one stacked module with one StackAdam."""
+    """SAEs of one hook and one shape trained as one stacked module with one StackAdam."""
 
-    def __init__(self, cfgs: list[SAEConfig], indices: list[int], d_in: int, train: TrainConfig,
-                 device: torch.device, dtype: torch.dtype, b_dec: Tensor | None, mean_sq_norm: float):
+    def __init__(self, cfgs: list[SAEConfig], indices: list[int], hook: str, d_in: int, train: TrainConfig,
+                 device: torch.device, dtype: torch.dtype, b_dec: Tensor | None, mean_sq_norm: float,
+                 input_scale: float):
         first, K = cfgs[0], len(cfgs)
-        self.cfgs, self.indices = cfgs, indices
+        self.cfgs, self.indices, self.hook = cfgs, indices, hook
         self.sae = make_sae(first.arch, d_in, first.d_sae, n_stack=K, dtype=dtype,
                             tie_weights=first.tie_weights, use_r_mag=first.use_r_mag)
         init_sae_(self.sae, [c.seed for c in cfgs], b_dec)
         self.sae.to(device)
         self.adam = StackAdam(dict(self.sae.named_parameters()), train.adam_betas, train.adam_eps)
-        self.l1 = torch.tensor([c.l1_coefficient for c in cfgs], dtype=torch.float64)
+        # lambda is given in the paper's units (raw activations); convert it to the training scale once.
+        factor = l1_training_factor(train.loss_scaling, first.arch, input_scale)
+        self.l1 = torch.tensor([c.l1_coefficient * factor for c in cfgs], dtype=torch.float64)
         self.lr = torch.tensor([c.lr for c in cfgs], dtype=torch.float64)
         self.recon_scale = recon_scale(train.loss_scaling, first.arch, d_in, mean_sq_norm)
         self.unit_norm = first.unit_norm_decoder
@@ -67,6 +70,11 @@ class _Group:
         return self.loss_fn(self.sae, x, l1, **self.loss_kw)
 
 
+def _for_hook(value, hook: str):
+    """A per-hook setting given either once for every hook or as a dict keyed by hook."""
+    return value[hook] if isinstance(value, dict) else value
+
+
 class SweepTrainer:
     """K SAEs of any mix of architecture, width, lambda, lr and seed, trained on the same batches.
 
@@ -74,18 +82,45 @@ class SweepTrainer:
     scale). `b_dec` (d_in,) initialises every decoder bias (e.g. the data mean in training scale) and
     `mean_sq_norm` is E||x||^2 in training scale (for the paper's baseline loss scaling)."""
 
-    def __init__(self, saes: list[SAEConfig], train: TrainConfig, d_in: int, *, b_dec: Tensor | None = None,
-                 mean_sq_norm: float | None = None, device: str | torch.device = "cpu",
+    def __init__(self, saes: list[SAEConfig], train: TrainConfig, d_in: int | dict[str, int], *,
+                 b_dec: Tensor | dict | None = None, mean_sq_norm: float | dict | None = None,
+                 input_scale: float | dict = 1.0, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32):
-        self.saes, self.train, self.d_in = list(saes), train, d_in
+        self.saes, self.train = list(saes), train
         self.device, self.dtype = torch.device(device), dtype
         self.step = 0
+        self.sae_hooks = [cfg.hook or train.hook for cfg in self.saes]
+        self.hooks = list(dict.fromkeys(self.sae_hooks))
+        self.d_ins = {h: int(_for_hook(d_in, h)) for h in self.hooks}
+        self.input_scales = {h: float(_for_hook(input_scale, h)) for h in self.hooks}
+        self.d_in = self.d_ins[self.hooks[0]] if len(self.hooks) == 1 else None
+        self.autocast = self._resolve_autocast()
         keys: dict[tuple, list[int]] = {}
         for i, cfg in enumerate(self.saes):
-            keys.setdefault(cfg.group_key(), []).append(i)
-        msn = float(d_in) if mean_sq_norm is None else mean_sq_norm
-        self.groups = [_Group([self.saes[i] for i in chunk], chunk, d_in, train, self.device, dtype, b_dec, msn)
-                       for idx in keys.values() for chunk in self._stacks(idx)]
+            keys.setdefault((self.sae_hooks[i], *cfg.group_key()[1:]), []).append(i)
+        self.groups = []
+        for (hook, *_), idx in keys.items():
+            msn = _for_hook(mean_sq_norm, hook)
+            msn = float(self.d_ins[hook]) if msn is None else float(msn)
+            for chunk in self._stacks(idx):
+                self.groups.append(_Group([self.saes[i] for i in chunk], chunk, hook, self.d_ins[hook], train,
+                                          self.device, dtype, _for_hook(b_dec, hook), msn, self.input_scales[hook]))
+
+    def _resolve_autocast(self) -> bool:
+        """Whether steps run under bf16 autocast: `bf16`, or `auto` on fp32 weights where bf16 is native."""
+        if self.train.autocast == "auto":
+            from saeforge.trainer.device import resolve_dtype
+
+            return self.dtype == torch.float32 and resolve_dtype("auto", self.device) == "bfloat16"
+        return self.train.autocast == "bf16"
+
+    def by_hook(self, x: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
+        """A batch as {hook: (rows, d_in)}; a bare tensor is accepted when every SAE trains on one hook."""
+        if isinstance(x, dict):
+            return x
+        if len(self.hooks) != 1:
+            raise ValueError(f"this sweep trains on hooks {self.hooks}: pass a dict of batches keyed by hook")
+        return {self.hooks[0]: x}
 
     def _stacks(self, idx: list[int]) -> list[list[int]]:
         """Split SAEs of one shape into stacks whose (K, rows, d_sae) activations fit `train.stack_mib`."""
@@ -97,7 +132,7 @@ class SweepTrainer:
         return [idx[i:i + k] for i in range(0, len(idx), k)]
 
     def _autocast(self):
-        if self.train.autocast == "bf16":
+        if self.autocast:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -107,12 +142,15 @@ class SweepTrainer:
         post = resample_multiplier(since, self.train.resample_lr_floor, self.train.resample_lr_steps)
         return warmup_multiplier(self.step, self.train.lr_warmup_steps) * post
 
-    def train_step(self, x: Tensor) -> StepStats:
-        """One optimiser step of every SAE on x (rows, d_in); returns this batch's per-SAE sums."""
+    def train_step(self, x: Tensor | dict[str, Tensor]) -> StepStats:
+        """One optimiser step of every SAE on x (rows, d_in), or on {hook: x} when the SAEs span several hooks;
+        returns this batch's per-SAE sums."""
+        xs = self.by_hook(x)
         n = len(self.saes)
         out = {name: torch.zeros(n, device=self.device, dtype=torch.float64) for name in StepStats._fields}
         l1_mult = warmup_multiplier(self.step, self.train.l1_warmup_steps)
         for g in self.groups:
+            x = xs[g.hook]
             with self._autocast():
                 res = g.loss(x, l1_mult)
             res.loss.backward()
@@ -157,9 +195,10 @@ class SweepTrainer:
             dead = g.steps_since_fired >= dead_steps
             if not dead.any():
                 continue
-            inputs = torch.cat(batches)
+            hook_batches = [self.by_hook(b)[g.hook] for b in batches]
+            inputs = torch.cat(hook_batches)
             with self._autocast():
-                sq_err = torch.cat([squared_error(b, g.sae(b)).float() for b in batches], dim=-1)
+                sq_err = torch.cat([squared_error(b, g.sae(b)).float() for b in hook_batches], dim=-1)
             for k in range(len(g.cfgs)):
                 if dead[k].any():
                     n = resample_features_(g.sae, k, dead[k], inputs, sq_err[k], g.generators[k], g.adam).n_resampled
@@ -188,6 +227,7 @@ class SweepTrainer:
         return float(g.lr[k] * self.lr_multipliers(g)[k])
 
     def l1_now(self, i: int) -> float:
+        """SAE `i`'s lambda at the current step, in the paper's units (warm-up applied)."""
         return self.saes[i].l1_coefficient * warmup_multiplier(self.step, self.train.l1_warmup_steps)
 
     def sae_state(self, i: int) -> dict:
@@ -216,22 +256,24 @@ class SweepTrainer:
 class Metrics:
     """Accumulates StepStats over a logging window and turns them into one dict per SAE."""
 
-    def __init__(self, trainer: SweepTrainer, input_scale: float = 1.0):
-        self.trainer, self.input_scale = trainer, input_scale
+    def __init__(self, trainer: SweepTrainer):
+        self.trainer = trainer
         self.reset()
 
     def reset(self) -> None:
         self.sums: dict[str, Tensor] = {}
         self.rows = self.steps = 0
-        self.x_var = 0.0
+        self.x_var: dict[str, Tensor | float] = {}
         self.t0 = time.perf_counter()
 
-    def add(self, stats: StepStats, x: Tensor) -> None:
+    def add(self, stats: StepStats, x: Tensor | dict[str, Tensor]) -> None:
         for name, v in stats._asdict().items():
             self.sums[name] = self.sums.get(name, 0) + v
-        xf = x.float()
-        self.x_var = self.x_var + (xf - xf.mean(0)).pow(2).sum().double()
-        self.rows += x.shape[0]
+        xs = self.trainer.by_hook(x)
+        for hook, xh in xs.items():
+            xf = xh.float()
+            self.x_var[hook] = self.x_var.get(hook, 0.0) + (xf - xf.mean(0)).pow(2).sum().double()
+        self.rows += next(iter(xs.values())).shape[0]
         self.steps += 1
 
     def flush(self, wait_s: float = 0.0) -> list[dict]:
@@ -239,19 +281,20 @@ class Metrics:
         if not self.steps:
             return []
         s = {k: v.cpu().tolist() for k, v in self.sums.items()}
-        x_var = float(self.x_var)
+        x_var = {h: float(v) for h, v in self.x_var.items()}
         wall = max(time.perf_counter() - self.t0, 1e-9)
-        t, rows, n_in = self.trainer, self.rows, self.trainer.d_in
+        t, rows = self.trainer, self.rows
         out = []
-        for i in range(len(t.saes)):
+        for i, hook in enumerate(t.sae_hooks):
             l_recon, l_sp, l_aux = (s[k][i] / self.steps for k in ("l_recon", "l_sparsity", "l_aux"))
             xx, xh = s["xhat_sq"][i], s["x_dot_xhat"][i]
             out.append({
                 "step": t.step, "loss": l_recon + l_sp + l_aux, "l_recon": l_recon, "l_sparsity": l_sp,
                 "l_aux": l_aux, "l0": s["l0"][i] / self.steps,
-                "mse": s["sse"][i] / (rows * n_in * self.input_scale ** 2),
-                "explained_variance": 1 - s["sse"][i] / max(x_var, 1e-30),
-                "gamma": xx / xh if xh else float("nan"),  # PAPER Eq. 10, a ratio of window means
+                "mse": s["sse"][i] / (rows * t.d_ins[hook] * t.input_scales[hook] ** 2),
+                # per logging window: 1 - SSE / sum of squared deviations from each batch's mean
+                "explained_variance": 1 - s["sse"][i] / max(x_var[hook], 1e-30),
+                "gamma": xx / xh if xh else float("nan"),  # arXiv 2404.16014 eq. 10, a ratio of window means
                 "dead_fraction": t.dead_fraction(i), "lr": t.lr_now(i), "l1_coefficient": t.l1_now(i),
                 "steps_per_s": self.steps / wall, "data_wait_fraction": min(1.0, wait_s / wall),
             })
@@ -259,28 +302,39 @@ class Metrics:
         return out
 
 
-def prepare_fn(hook: str | None, device: torch.device, dtype: torch.dtype, input_scale: float = 1.0):
-    """batch (a tensor, or a dict keyed by hook) -> (rows, d_in) on `device` in `dtype`, times `input_scale`."""
-    def prepare(batch) -> Tensor:
-        x = batch[hook] if isinstance(batch, dict) else batch
+def prepare_fn(hooks: str | list[str] | None, device: torch.device, dtype: torch.dtype,
+               input_scale: float | dict[str, float] = 1.0):
+    """batch (a tensor, or a dict keyed by hook) -> (rows, d_in) on `device` in `dtype`, times the hook's input
+    scale; with a list of hooks, a dict {hook: tensor} of them."""
+    def one(x: Tensor, hook) -> Tensor:
         x = x.to(device=device, dtype=dtype, non_blocking=True)
-        return x * input_scale if input_scale != 1.0 else x
+        scale = _for_hook(input_scale, hook)
+        return x * scale if scale != 1.0 else x
+
+    def prepare(batch):
+        if isinstance(hooks, list):
+            return {h: one(batch[h], h) for h in hooks}
+        return one(batch[hooks] if isinstance(batch, dict) else batch, hooks)
     return prepare
 
 
 def fit(trainer: SweepTrainer, batches: Iterable, *, steps: int, hook: str | None = None,
-        input_scale: float = 1.0, prepare: Callable[[object], Tensor] | None = None,
+        prepare: Callable[[object], Tensor] | None = None,
         on_log: Callable[[list[dict]], None] | None = None, on_checkpoint: Callable[[], None] | None = None,
         on_resample: Callable[[dict[int, int]], None] | None = None,
         wait_s: Callable[[], float] = lambda: 0.0) -> None:
     """Train until `trainer.step == steps` on `batches`: ANY iterator of `dict[hook, Tensor (rows, d_in)]` (or
     of bare tensors) in the activations' original scale. Each batch goes through `prepare` (default: pick
-    `hook`, move to the trainer's device and dtype, multiply by `input_scale`); pass `prepare=lambda b: b` when
+    `hook` (or every hook of the trainer), move to the trainer's device and dtype, multiply by the trainer's
+    input scale); pass `prepare=lambda b: b` when
     the iterator already yields prepared tensors (as the Prefetcher of `train_from_store` does). Logs every
     `log_every` steps, checkpoints every `checkpoint_every` steps and at the end."""
     cfg = trainer.train
-    prepare = prepare or prepare_fn(hook, trainer.device, trainer.dtype, input_scale)
-    metrics = Metrics(trainer, input_scale)
+    if prepare is None and len(trainer.hooks) > 1:
+        prepare = prepare_fn(trainer.hooks, trainer.device, trainer.dtype, trainer.input_scales)
+    elif prepare is None:
+        prepare = prepare_fn(hook, trainer.device, trainer.dtype, trainer.input_scales[trainer.hooks[0]])
+    metrics = Metrics(trainer)
     it = iter(batches)
     wait0 = wait_s()
     while trainer.step < steps:

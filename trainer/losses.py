@@ -41,6 +41,22 @@ def recon_scale(loss_scaling: str, arch: str, d_in: int, mean_sq_norm: float) ->
     return 1.0 / (d_in * mean_sq_norm)
 
 
+def l1_training_factor(loss_scaling: str, arch: str, input_scale: float) -> float:
+    """Factor turning the paper's lambda (loss on RAW activations x) into the lambda to use on inputs s*x.
+
+    An SAE on s*x is the raw SAE with every activation and bias times s (decoder rows stay unit norm), so its
+    L1 term is s times the raw one, and its squared errors are s^2 times the raw ones, times the ratio of the
+    reconstruction scales (`recon_scale` on s*x over on x). Requiring loss(s*x; lambda') = c * loss(x; lambda)
+    for every SAE gives c = s^2 * ratio and lambda' = lambda * c / s:
+
+    - `paper` baseline (1/(n E||x||^2), scale-free): c = 1, lambda' = lambda / s;
+    - Gated, `per_dim`, `sum` (1/n or 1): c = s^2, lambda' = lambda * s.
+    So `l1_coefficient` means what the paper's lambda means (arXiv 2404.16014 App. D.1) whatever the store's
+    normalisation scale s (`tests/trainer/test_lambda_units.py`)."""
+    c = 1.0 if (loss_scaling == "paper" and arch == "baseline") else input_scale ** 2
+    return c / input_scale
+
+
 def _as_stack(value: Tensor | float, like: Tensor) -> Tensor:
     """lambda as a tensor broadcastable against per-SAE terms of shape `like.shape`."""
     return torch.as_tensor(value, dtype=like.dtype, device=like.device).reshape(like.shape)

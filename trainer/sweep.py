@@ -6,7 +6,7 @@ from typing import Any
 
 from saeforge.trainer.config import SAE_FIELDS, SAEConfig, build
 
-GRID_LISTS = ("arch", "d_sae", "l1_coefficient", "seed")
+GRID_LISTS = ("hook", "arch", "d_sae", "l1_coefficient", "seed")
 EQUAL_COMPUTE_FACTOR = 1.5  # a Gated step costs <= 1.5x a same-width baseline step (PAPER §5.2)
 
 
@@ -16,7 +16,7 @@ def _as_list(value) -> list:
 
 def expand_sweep(grid_file: dict[str, Any], grid_flags: dict[str, Any], explicit: list[dict[str, Any]], *,
                  equal_compute: bool = False) -> list[SAEConfig]:
-    """SAEs of the grid (arch x d_sae x lambda x seed; flags replace file keys) followed by the explicit
+    """SAEs of the grid (hook x arch x d_sae x lambda x seed; flags replace file keys) followed by the explicit
     `[[sae]]` entries. `l1_coefficient_baseline` gives baselines their own lambdas. With `equal_compute`,
     grid baselines get round(1.5 x d_sae)."""
     grid = {**grid_file, **{k: v for k, v in grid_flags.items() if v is not None}}
@@ -29,11 +29,11 @@ def expand_sweep(grid_file: dict[str, Any], grid_flags: dict[str, Any], explicit
         lists = {k: _as_list(grid.get(k, [SAEConfig.__dataclass_fields__[k].default])) for k in GRID_LISTS}
         baseline_l1 = _as_list(grid.get("l1_coefficient_baseline", lists["l1_coefficient"]))
         fixed = {k: v for k, v in grid.items() if k not in GRID_LISTS and k != "l1_coefficient_baseline"}
-        for arch, d_sae, seed in itertools.product(lists["arch"], lists["d_sae"], lists["seed"]):
+        for hook, arch, d_sae, seed in itertools.product(lists["hook"], lists["arch"], lists["d_sae"], lists["seed"]):
             width = round(EQUAL_COMPUTE_FACTOR * d_sae) if equal_compute and arch == "baseline" else d_sae
             for l1 in (baseline_l1 if arch == "baseline" else lists["l1_coefficient"]):
-                saes.append(build(SAEConfig, fixed, dict(arch=arch, d_sae=width, l1_coefficient=l1, seed=seed),
-                                  where="the sweep grid"))
+                saes.append(build(SAEConfig, fixed, dict(hook=hook, arch=arch, d_sae=width, l1_coefficient=l1,
+                                                         seed=seed), where="the sweep grid"))
     saes += [build(SAEConfig, entry, where="a [[sae]] entry") for entry in explicit]
     if not saes:
         raise ValueError("the sweep is empty")

@@ -100,8 +100,13 @@ def test_cli_train_flags_toml_and_bad_input(store, tmp_path):
     assert json.loads(res.output)["arch"] == "baseline"
     before = (out / "cfg.json").read_text()
 
+    weights = (out / "sae_weights.safetensors").read_bytes()
     res = invoke("train", *common, "--arch", "baseline", "--d-sae", 24, "--l1", 0.01, "--out", out)
-    assert res.exit_code != 0 and "already holds this run" in res.output and "--resume" in res.output
+    assert res.exit_code == 0, res.output  # the same command again: the run is complete, nothing is redone
+    assert (out / "sae_weights.safetensors").read_bytes() == weights and (out / "cfg.json").read_text() == before
+    res = invoke("train", *common[:5], 5, *common[6:], "--arch", "baseline", "--d-sae", 24, "--l1", 0.01,
+                 "--out", out)
+    assert res.exit_code != 0 and "more than the 5 steps" in res.output
     res = invoke("train", *common, "--arch", "gated", "--d-sae", 24, "--out", out)
     assert res.exit_code != 0 and "holds a different run" in res.output
     res = invoke("train", *common[:2], "--hook", HOOK_SMALL, *common[4:], "--arch", "baseline", "--d-sae", 24,

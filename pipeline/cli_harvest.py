@@ -20,8 +20,9 @@ def _csv(value: str | None, cast=str) -> tuple:
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="smollm2-135m (offline), a HF name, a local HF model directory, or a .gguf file.")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
-@click.option("--dtype", "lm_dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
-              show_default=True, help="dtype of the LM compute.")
+@click.option("--dtype", "lm_dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="dtype of the LM compute (auto: bfloat16 where the device runs it natively "
+                                      "and faster, else float32).")
 @click.option("--hooks", default=None, help="Comma-separated full hook names, e.g. blocks.10.hook_resid_post.")
 @click.option("--layers", default=None, help="Comma-separated layers, with --sites, e.g. 6,10.")
 @click.option("--sites", default=None,
@@ -54,7 +55,8 @@ def harvest(out, model, device, lm_dtype, hooks, layers, sites, dataset, split, 
     special-token positions are dropped by default; every --heldout-every-th window is never stored, so
     evaluation can draw unseen text. The store is globally shuffled, compressed and self-describing
     (provenance: model and hash, tokenizer, hooks, dataset and files, rules, seed). Interrupted? Rerun
-    the same command: it resumes without recomputing what was staged. Example:
+    the same command: it resumes without recomputing what was staged; on a complete store it does nothing.
+    Example:
 
         saeforge harvest --layers 10 --sites resid_post,mlp_out --tokens 1000000 --out stores/l10
     """

@@ -18,7 +18,7 @@ import importlib.metadata
 import itertools
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Literal, NamedTuple
 
 import numpy as np
@@ -45,8 +45,9 @@ class HarvestConfig:
     device: str = "auto"
     """Torch device for the LM (``auto``: cuda when present, else cpu)."""
 
-    lm_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype of the LM compute (bf16 is ~3x faster than fp32 on a modern CPU)."""
+    lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the LM compute; `auto`: bfloat16 where the device runs it natively and faster (CUDA with bf16,
+    a CPU with AVX512-BF16 or AMX), else float32 (`trainer/device.py`). The store records the resolved one."""
 
     hooks: tuple[str, ...] = ()
     """Full hook names, e.g. ``blocks.10.hook_resid_post``."""
@@ -101,8 +102,8 @@ class HarvestConfig:
         for name in ("context_size", "tokens", "batch_size", "queue_batches", "heldout_every"):
             if getattr(self, name) < (2 if name in ("context_size", "heldout_every") else 1):
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
-        if self.lm_dtype not in ("float32", "bfloat16", "float16"):
-            problems.append(f"lm_dtype must be float32, bfloat16 or float16, got {self.lm_dtype!r}")
+        if self.lm_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            problems.append(f"lm_dtype must be auto, float32, bfloat16 or float16, got {self.lm_dtype!r}")
         if self.store_dtype not in ("float32", "float16", "bfloat16"):
             problems.append(f"store_dtype must be float32, float16 or bfloat16, got {self.store_dtype!r}")
         if self.special_token_rule not in ("exclude", "keep"):
@@ -279,12 +280,20 @@ def run_batches(lm, hooks: list[str], batches: Iterator[Batch], sink: AsyncSink,
 
 def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
             on_batch: Callable[[Batch], None] | None = None) -> HarvestResult:
-    """Harvest ``cfg.tokens`` rows of every hook into the store at ``cfg.out`` (resuming if interrupted)."""
+    """Harvest ``cfg.tokens`` rows of every hook into the store at ``cfg.out``: resumes an interrupted store, and
+    returns the recorded result without running anything when the store is already complete for this config."""
     from saeforge.pipeline.lm import hook_dims, load_lm, resolve_hooks
     from saeforge.stores import StoreWriter, open_store
+    from saeforge.trainer.device import resolve_dtype
 
     t0 = time.perf_counter()
+    if lm is not None and cfg.lm_dtype == "auto":
+        cfg = replace(cfg, lm_dtype=lm.dtype)  # a model handed in computes in its own dtype
+    cfg = replace(cfg, lm_dtype=resolve_dtype(cfg.lm_dtype, lm.device if lm is not None else cfg.device))
     check_output(cfg.out)
+    done = completed_result(cfg)
+    if done is not None:
+        return done
     record = data.describe_dataset(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
     lm = lm or load_lm(cfg.model, device=cfg.device, dtype=cfg.lm_dtype)
     hooks = resolve_hooks(lm, hooks=list(cfg.hooks), layers=list(cfg.layers), sites=list(cfg.sites))
@@ -295,7 +304,7 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     check_rows_available(prov, lm.tokenizer, cfg.tokens, cfg.batch_size)
     dims = hook_dims(lm, hooks)
     writer = StoreWriter(cfg.out, hooks=dims, dtype=cfg.store_dtype, seed=cfg.seed, expected_rows=cfg.tokens,
-                         provenance=prov, memory_limit_bytes=cfg.writer_memory_bytes)
+                         provenance=prov, memory_limit_bytes=cfg.writer_memory_bytes, progress=progress)
     with writer as w:
         skip = w.rows_staged
         bar = _progress_bar(cfg.tokens, skip, progress)
@@ -315,8 +324,52 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     result = HarvestResult(store=store.path, rows=store.n_rows, rows_resumed=skip, forward_passes=passes,
                            tokens_forwarded=forwarded, lm_s=t2 - t1, write_s=t3 - t2, wall_s=t3 - t0,
                            bytes_per_hook=sizes, hooks=hooks, config=asdict(cfg))
-    store.loc.fs.pipe_file(store.loc.sub("harvest.json"), json.dumps(result.to_json(), indent=1).encode())
+    store.loc.fs.pipe_file(store.loc.sub(HARVEST_FILE), json.dumps(result.to_json(), indent=1).encode())
     return result
+
+
+HARVEST_FILE = "harvest.json"
+# Config fields that do not change what a store holds (a rerun that differs only in these is the same harvest).
+NOT_CONTENT = {"out", "writer_memory_bytes", "queue_batches", "device", "hooks", "layers", "sites"}
+
+
+def requested_hooks(cfg: HarvestConfig) -> list[str]:
+    """The hook names a config asks for, without loading the model (sites by their short names)."""
+    from saeforge.pipeline.lm import SITES
+
+    return list(dict.fromkeys([*cfg.hooks, *(f"blocks.{layer}.{SITES.get(site, site)}"
+                                             for layer in cfg.layers for site in cfg.sites)]))
+
+
+def completed_result(cfg: HarvestConfig) -> HarvestResult | None:
+    """The recorded result when ``cfg.out`` is a complete store of this very harvest (nothing to do); None when
+    there is no complete store; HarvestError naming the difference when it is a complete store of another."""
+    from saeforge.stores import StoreNotFound
+    from saeforge.stores.reader import read_attrs
+
+    try:
+        _, attrs = read_attrs(cfg.out, require_complete=False)
+    except StoreNotFound:
+        return None
+    if not attrs.get("complete"):
+        return None
+    from saeforge.stores import open_store
+
+    store = open_store(cfg.out)
+    try:
+        recorded = json.loads(store.loc.fs.cat_file(store.loc.sub(HARVEST_FILE)))
+    except (OSError, ValueError):
+        recorded = {"config": {}, "hooks": []}
+    old, new = recorded["config"], asdict(cfg)
+    diff = [f"{k}: store has {old.get(k)!r}, this run asks for {new[k]!r}" for k in new
+            if k not in NOT_CONTENT and old.get(k) != (list(new[k]) if isinstance(new[k], tuple) else new[k])]
+    if sorted(recorded["hooks"]) != sorted(requested_hooks(cfg)):
+        diff.append(f"hooks: store has {sorted(recorded['hooks'])}, this run asks for {sorted(requested_hooks(cfg))}")
+    if diff:
+        raise HarvestError(f"{cfg.out} is already a complete store of another harvest ({'; '.join(diff[:4])}); "
+                           "choose another --out")
+    fields = set(HarvestResult._fields)
+    return HarvestResult(**{k: v for k, v in recorded.items() if k in fields})
 
 
 def check_output(out: str) -> None:
@@ -345,9 +398,9 @@ def check_resumable(out: str, prov: dict) -> None:
         _, attrs = read_attrs(out, require_complete=False)
     except StoreNotFound:
         return
-    if attrs.get("complete"):
-        raise HarvestError(f"{out} is already a complete store ({attrs.get('n_rows')} rows); "
-                           "delete it or choose another --out")
+    if attrs.get("complete"):  # reached only when `completed_result` found no record of this harvest
+        raise HarvestError(f"{out} is already a complete store ({attrs.get('n_rows')} rows) with no "
+                           f"{HARVEST_FILE} to compare with; choose another --out")
     old, new = _flatten(attrs.get("provenance") or {}), _flatten(json.loads(json.dumps(prov)))
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:

@@ -88,10 +88,10 @@ class LoadedLM:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is returned unchanged."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    """``auto`` -> ``cuda`` when available, else ``cpu`` (one rule for every stage: ``trainer/device.py``)."""
+    from saeforge.trainer.device import resolve_device as resolve
+
+    return device if device != "auto" else str(resolve(device))
 
 
 def file_sha256(path: str | os.PathLike, _memo: dict = {}) -> str:  # noqa: B006 (process-wide memo)

@@ -7,6 +7,7 @@ import sys
 import textwrap
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,16 +106,20 @@ def test_a_different_config_on_an_incomplete_store_is_refused_by_name(cfg, lm):
         open_store(cfg.out)
     with pytest.raises(HarvestError, match="context_size: store has 24, this run has 16"):
         harvest(replace(cfg, context_size=16), lm=lm, progress=False)
-    harvest(cfg, lm=lm, progress=False)  # the same config resumes
-    with pytest.raises(HarvestError, match="already a complete store"):
-        harvest(cfg, lm=lm, progress=False)
+    first = harvest(cfg, lm=lm, progress=False)  # the same config resumes
+    zarr_json = (Path(cfg.out) / "zarr.json").read_bytes()
+    again = harvest(replace(cfg, lm_dtype="float32"), progress=False)  # complete: a no-op that loads no model and writes nothing
+    assert again.rows == first.rows and again.forward_passes == first.forward_passes
+    assert (Path(cfg.out) / "zarr.json").read_bytes() == zarr_json
+    with pytest.raises(HarvestError, match="already a complete store of another harvest.*tokens: store has 600"):
+        harvest(replace(cfg, tokens=700), lm=lm, progress=False)
 
 
 KILLABLE = textwrap.dedent("""
     import sys, time
     from saeforge.pipeline.harvest import HarvestConfig, harvest
     out, model, dataset = sys.argv[1:4]
-    cfg = HarvestConfig(out=out, model=model, device="cpu", dataset=dataset, hooks=%r, tokens=1500,
+    cfg = HarvestConfig(out=out, model=model, device="cpu", lm_dtype="float32", dataset=dataset, hooks=%r, tokens=1500,
                         context_size=24, batch_size=4, store_dtype="float32", heldout_every=5,
                         writer_memory_bytes=%d)
     harvest(cfg, progress=False, on_batch=lambda b: time.sleep(0.1))

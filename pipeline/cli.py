@@ -26,3 +26,5 @@ from saeforge.stores.cli import store  # noqa: E402
 main.add_command(store)
 from saeforge.pipeline.cli_eval import eval_cmd, plot  # noqa: E402
 main.add_command(eval_cmd, name="eval"); main.add_command(plot)
+from saeforge.pipeline.cli_demo import demo  # noqa: E402
+main.add_command(demo)

@@ -5,7 +5,7 @@ from torch.nn.functional import relu
 
 from saeforge.trainer.config import SAEConfig, TrainConfig
 from saeforge.trainer.loop import SweepTrainer
-from saeforge.trainer.losses import baseline_loss, gated_loss
+from saeforge.trainer.losses import baseline_loss, gated_loss, sae_loss
 from saeforge.trainer.optim import StackAdam, project_decoder_grad_, resample_multiplier
 from saeforge.trainer.resample import resample_features_
 from saeforge.trainer.sae import (BaselineSAE, GatedSAE, count_parameters, fold_decoder_norms_, init_sae_)
@@ -182,6 +182,46 @@ def test_10_unit_norm_decoder_after_every_step_and_projected_gradients():
     assert ((W.grad * d_hat).sum(1).abs() < 1e-6 * W.grad.norm(dim=1)).all()
 
 
+def _adam_reference_step(sae, state, t, lr, betas, eps):
+    """Parameters after one `torch.optim.Adam`-style step from the grads in `sae` and the moments in `state`."""
+    b1, b2 = betas
+    new = {}
+    for name, p in sae.named_parameters():
+        g = p.grad
+        m = b1 * state["exp_avg"][name].reshape(g.shape) + (1 - b1) * g
+        v = b2 * state["exp_avg_sq"][name].reshape(g.shape) + (1 - b2) * g * g
+        new[name] = p.detach() - lr / (1 - b1 ** t) * m / ((v / (1 - b2 ** t)).sqrt() + eps)
+    return new
+
+
+@pytest.mark.parametrize("arch", ["baseline", "gated"])
+def test_10_train_step_projects_the_decoder_gradient_before_the_adam_step(arch):
+    """SweepTrainer.train_step = projected gradient (g_i -= (g_i . d^_i) d^_i, trainer/optim.py; unit-norm
+    decoder of arXiv 2404.16014 §2.2), Adam, renormalise. The reference below does that by hand; without the
+    projection the step also moves along each row, and the renormalised rows come out O(lr) away from it, so
+    unit norm alone would not see the difference."""
+    cfg = SAEConfig(arch=arch, d_sae=D_SAE, l1_coefficient=0.1, lr=1e-2, seed=3)
+    train = TrainConfig(steps=4, batch_rows=ROWS, lr_warmup_steps=0, loss_scaling="sum")
+    trainer = SweepTrainer([cfg], train, D_IN, dtype=F64)
+    for t in range(1, 5):
+        x = torch.randn(ROWS, D_IN, generator=torch.Generator().manual_seed(t), dtype=F64) * 2 + 1
+        ref, state = trainer.sae(0), trainer.sae_state(0)
+        sae_loss(ref, x, cfg.l1_coefficient).loss.backward()
+        g, d_hat = ref.W_dec.grad, ref.W_dec.detach() / ref.W_dec.detach().norm(dim=1, keepdim=True)
+        parallel = (g * d_hat).sum(1, keepdim=True)
+        assert (parallel.abs().squeeze(1) > 0.1 * g.norm(dim=1)).sum() >= D_SAE // 2  # the projection matters
+        ref.W_dec.grad = g - parallel * d_hat
+        expected = _adam_reference_step(ref, state, t, cfg.lr, train.adam_betas, train.adam_eps)
+        expected["W_dec"] = expected["W_dec"] / expected["W_dec"].norm(dim=1, keepdim=True)
+        trainer.train_step(x)
+        after = trainer.sae_state(0)
+        for name, want in expected.items():
+            torch.testing.assert_close(after["weights"][name].reshape(want.shape), want, rtol=1e-10, atol=1e-12,
+                                       msg=lambda m, name=name, t=t: f"{name} after step {t}: {m}")
+        m = after["exp_avg"]["W_dec"]  # beta1 = 0: this step's (projected) gradient, orthogonal to the old rows
+        assert ((m * d_hat).sum(1).abs() <= 1e-10 * m.norm(dim=1)).all()
+
+
 def test_11_optimiser_defaults_and_resample_lr_schedule():
     cfg, sae = TrainConfig(), SAEConfig()
     assert cfg.adam_betas == (0.0, 0.999) and cfg.batch_rows == 4096 and sae.lr == 3e-4
@@ -226,7 +266,9 @@ def test_13_resampling(arch, x):
         p.grad = torch.randn_like(p)
     adam.step(torch.tensor(1e-3, dtype=F64))
     before = {n: p.detach().clone() for n, p in sae.named_parameters()}
-    moments = {n: m.clone() for n, m in adam.exp_avg_sq.items()}
+    moments = {(which, n): m.clone() for which, store in (("exp_avg", adam.exp_avg), ("exp_avg_sq", adam.exp_avg_sq))
+               for n, m in store.items()}
+    assert all(m.all() for m in moments.values())  # every moment non-zero, so a missed reset shows
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[[1, 4, 7]] = True
     enc = sae.encoder_weights()[0]
@@ -242,17 +284,43 @@ def test_13_resampling(arch, x):
     assert torch.allclose(enc_cols.norm(dim=0), (0.2 * mean_alive).expand(3))
     for name in sae.feature_biases():
         assert not getattr(sae, name)[dead].any()
-    for store in (adam.exp_avg, adam.exp_avg_sq):
-        assert not store["W_dec"][dead].any() and not store[enc][:, dead].any()
+    per_feature = {"baseline": {"W_dec", "W_enc", "b_enc"},
+                   "gated": {"W_dec", "W_gate", "b_gate", "b_mag", "r_mag"}}[arch]
+    assert {n for _, n in moments} == per_feature | {"b_dec"}
+    for (which, n), old in moments.items():  # both moments of every per-feature parameter are reset
+        m = getattr(adam, which)[n]
+        if n == "W_dec":  # features are rows
+            assert not m[dead].any(), (which, n)
+            assert torch.equal(m[~dead], old[~dead]), (which, n)
+        elif n == "b_dec":  # not per-feature: untouched
+            assert torch.equal(m, old), (which, n)
+        else:  # features on the last axis
+            assert not m[..., dead].any(), (which, n)
+            assert torch.equal(m[..., ~dead], old[..., ~dead]), (which, n)
     for n, p in sae.named_parameters():  # untouched features are bit-identical
         if n == "W_dec":
             assert torch.equal(p[~dead], before[n][~dead])
-            assert torch.equal(adam.exp_avg_sq[n][~dead], moments[n][~dead])
         elif n == "b_dec":
             assert torch.equal(p, before[n])
         else:
             assert torch.equal(p[..., ~dead], before[n][..., ~dead])
-            assert torch.equal(adam.exp_avg_sq[n][..., ~dead], moments[n][..., ~dead])
+
+
+def test_13_resampled_inputs_are_drawn_with_probability_proportional_to_the_loss_squared():
+    """Bricken et al.'s resampling (arXiv 2404.16014 App. D.1.1; trainer/resample.py) draws inputs with
+    probability proportional to loss^2: an input with twice another's loss is drawn 4x as often (2x would be
+    proportional to the loss)."""
+    n_dead = 4000  # more dead features than inputs with a loss: draws with replacement, one per feature
+    sae = BaselineSAE(2, n_dead, dtype=F64)
+    init_sae_(sae, [0])
+    inputs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=F64)
+    sq_err = torch.tensor([1.5, 3.0, 0.0], dtype=F64)  # row 1: twice row 0's loss; row 2: no loss, never drawn
+    res = resample_features_(sae, None, torch.ones(n_dead, dtype=torch.bool), inputs, sq_err,
+                             torch.Generator().manual_seed(0))
+    counts = torch.bincount(res.rows, minlength=3)
+    assert res.n_resampled == n_dead and counts[2] == 0
+    share = counts[1].item() / n_dead  # loss^2: 4/5; loss: 2/3; loss^3: 8/9. Binomial sd here: 0.006
+    assert abs(share - 0.8) < 0.03, share
 
 
 @pytest.mark.parametrize("kw", [{}, {"tie_weights": False}])

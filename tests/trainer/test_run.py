@@ -18,12 +18,17 @@ HOOK, HOOK_SMALL = "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"
 D_IN, N_ROWS, BATCH = 16, 4096, 128
 
 
+def store_acts(n_rows=N_ROWS):
+    """The `HOOK` activations `write_store` writes: sparse combinations of 48 random directions, plus 2."""
+    g = np.random.default_rng(0)
+    dirs = g.standard_normal((48, D_IN)).astype(np.float32)
+    return ((g.random((n_rows, 48)) < 0.08) * g.random((n_rows, 48)) * 5).astype(np.float32) @ dirs + 2.0
+
+
 def write_store(path, n_rows=N_ROWS, d_small=8, close=True):
     from saeforge.stores import StoreWriter
 
-    g = np.random.default_rng(0)
-    dirs = g.standard_normal((48, D_IN)).astype(np.float32)
-    acts = ((g.random((n_rows, 48)) < 0.08) * g.random((n_rows, 48)) * 5).astype(np.float32) @ dirs + 2.0
+    acts = store_acts(n_rows)
     w = StoreWriter(str(path), hooks={HOOK: D_IN, HOOK_SMALL: d_small}, dtype="float32", seed=0,
                     expected_rows=n_rows, provenance={"model": "tiny-llama", "context_size": 32, "prepend_bos": True})
     w.append({HOOK: acts, HOOK_SMALL: acts[:, :d_small]}, token_ids=np.zeros(n_rows, dtype=np.int64),
@@ -57,9 +62,12 @@ def test_run_directory_layout_and_load_sae_round_trip(store, tmp_path):
                                                                     "r_mag"}
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [10, 20, 30, 40]
-    assert 0 <= lines[-1]["data_wait_fraction"] <= 1 and summary[0]["l0"] == lines[-1]["l0"]
+    assert summary[0]["l0"] == lines[-1]["l0"]
 
     sae, info = load_sae(run)
+    with torch.no_grad():  # the last logged L0 is the saved SAE's on the store's rows, up to the window's drift
+        l0 = (sae.encode(torch.from_numpy(store_acts())) > 0).sum(-1).double().mean().item()
+    assert 1 < l0 < 31 and lines[-1]["l0"] == pytest.approx(l0, rel=0.1)
     assert info.architecture == "gated" and info.hook_name == HOOK and info.d_in == D_IN
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     trained = make_sae("gated", D_IN, 32)  # the training-scale module from the checkpoint

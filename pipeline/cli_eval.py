@@ -21,11 +21,11 @@ def _domain_errors():
 
 
 def _summary(rec: dict) -> dict:
-    keep = ("loss_recovered", "loss_recovered_mean", "delta_ce", "kl", "l0", "explained_variance", "gamma",
-            "n_dead", "n_dense")
+    keep = ("loss_recovered", "loss_recovered_ci95", "loss_recovered_mean", "delta_ce", "delta_ce_ci95", "kl",
+            "l0", "explained_variance", "gamma", "n_dead", "n_dense")
     return {"run_dir": rec["run_dir"], "architecture": rec["architecture"], "hook": rec["hook"],
-            "strategy": rec["strategy"], "n_tokens": rec["tokens"]["n_tokens"],
-            **{k: rec["metrics"][k] for k in keep}}
+            "strategy": rec["strategy"], "lm_dtype": rec.get("lm_dtype"), "n_tokens": rec["tokens"]["n_tokens"],
+            **{k: rec["metrics"].get(k) for k in keep}}
 
 
 @click.command("eval")
@@ -37,17 +37,25 @@ def _summary(rec: dict) -> dict:
 @click.option("--strategy", type=click.Choice(["auto", "shared_prefix", "full"]), default="auto",
               show_default=True, help="shared_prefix: model up to the hook once per batch; full: K full forwards.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True, help="LM compute dtype.")
+@click.option("--dtype", type=click.Choice(["store", "auto", "float32", "bfloat16", "float16"]), default="store",
+              show_default=True,
+              help="LM compute dtype. store: the dtype the store was harvested with; auto: bfloat16 where the device "
+                   "runs it natively and faster, else float32.")
 @click.option("--cache-dir", default=None, help="Clean/ablation CE cache [~/.cache/saeforge/eval].")
+@click.option("--force", is_flag=True, help="Evaluate again even runs whose eval.json is up to date.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def eval_cmd(runs, tokens, batch_size, model, strategy, device, dtype, cache_dir, quiet):
+def eval_cmd(runs, tokens, batch_size, model, strategy, device, dtype, cache_dir, force, quiet):
     """Evaluate SAE run directories by splicing their reconstructions into the LM.
 
     On the held-out text of each run's training store (same context size and special-token rules), reports
-    clean / spliced / zero- and mean-ablation cross-entropy, loss recovered (arXiv 2404.16014 eq. 5), ΔCE,
-    KL, L0, MSE, explained variance, γ (eq. 10), l2 ratio, dead and dense features; writes eval.json into
-    each run directory and prints a JSON summary. SAEs at the same hook share the forward pass up to it.
+    clean / spliced / zero- and mean-ablation cross-entropy, loss recovered (arXiv 2404.16014 eq. 5) and ΔCE
+    with paired bootstrap 95% intervals over the held-out windows, KL, L0, MSE, explained variance, γ
+    (eq. 10), l2 ratio, dead and dense features; writes eval.json into each run directory and prints a JSON
+    summary. SAEs at the same hook share the forward pass up to it. The LM runs in the dtype the store was
+    harvested with unless --dtype says otherwise.
+
+    Rerunning is a no-op for a run whose eval.json was made with the same settings, weights and store: it
+    is reported as up to date (its summary is read back from eval.json; no LM is loaded when every run is).
 
         saeforge eval runs/sweep1/* --tokens 262144
     """
@@ -57,7 +65,7 @@ def eval_cmd(runs, tokens, batch_size, model, strategy, device, dtype, cache_dir
     try:
         cfg = EvalConfig(tokens=tokens, batch_size=batch_size, model=model, strategy=strategy, device=device,
                          dtype=dtype, cache_dir=cache_dir)
-        records = evaluate_runs(list(runs), cfg, progress=not quiet)
+        records = evaluate_runs(list(runs), cfg, progress=not quiet, force=force)
     except errors as e:
         raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     click.echo(json.dumps([_summary(r) for r in records], indent=2))
@@ -70,8 +78,10 @@ def plot(sweep_dir, out):
     """Table (CSV + markdown) and PNG plots for an evaluated sweep.
 
     Reads SWEEP_DIR/sweep.json (or every subdirectory with eval.json) and writes the Pareto plot (L0, log
-    scale, vs loss recovered, one series per architecture), γ vs L0, one feature-density histogram per SAE,
-    and sweep_table.csv / sweep_table.md. Prints the paths as JSON.
+    scale, vs loss recovered, one series per architecture, the bootstrap 95% interval as error bars), γ vs
+    L0, training curves, one feature-density histogram per SAE, and sweep_table.csv / sweep_table.md (with
+    the intervals). A sweep over several hooks gets one panel per hook and a hook column, rows sorted by
+    hook, architecture and λ. Prints the paths as JSON.
     """
     errors = _domain_errors()
     from saeforge.pipeline.plots import plot_sweep

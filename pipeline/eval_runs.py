@@ -1,16 +1,20 @@
 """Evaluate SAE run directories on their training store's held-out text and write `eval.json` into each.
 
 The splicing itself is `saeforge.pipeline.evaluate.evaluate_hooks`; this module finds the store, the LM and
-the held-out windows, caches the clean/ablation cross-entropies (they depend only on model, hook and text), and
-turns the engine's results into the eval.json records that `saeforge plot` reads.
+the held-out windows, reuses the cached clean/ablation cross-entropies (they depend only on model, hook and
+text), adds paired bootstrap intervals over windows (`saeforge.pipeline.bootstrap`), and turns the engine's
+results into the eval.json records that `saeforge plot` reads. A run whose eval.json is current (same
+settings, weights and store: `saeforge.pipeline.eval_files`) is not evaluated again.
+
+Compute dtype: by default the LM runs in the dtype the store was harvested with (provenance `lm_dtype`), so
+the SAE's reconstruction is spliced into the same numerics it was trained on; `dtype` overrides it, and
+`auto` / explicit names go through `saeforge.trainer.device.resolve_dtype`.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Literal
@@ -18,17 +22,24 @@ from typing import Iterable, Literal
 import numpy as np
 import torch
 
+from saeforge.pipeline import bootstrap as B
+from saeforge.pipeline import eval_files as F
 from saeforge.pipeline import metrics as M
-from saeforge.pipeline.evaluate import AblationCE, EvalError, HookResult, SpliceResult, Strategy, evaluate_hooks
+from saeforge.pipeline.evaluate import EvalError, HookResult, SpliceResult, Strategy, evaluate_hooks
+from saeforge.trainer.device import DTYPE_CHOICES, resolve_device, resolve_dtype
 
-EVAL_FILE = "eval.json"
-EVAL_FORMAT = 1
+EVAL_FILE, EVAL_FORMAT = F.EVAL_FILE, F.EVAL_FORMAT
+DTYPE_SPECS = ("store", *DTYPE_CHOICES)
+STORE_DTYPE_DEFAULT = "float32"
+"""LM dtype taken for `store` when the store's provenance records no `lm_dtype`."""
 CONVENTIONS = {
     "ce": "mean over next-token predictions: logits at position t scored against token t+1, t = 0..pos-2, "
           "every window position (windows are packed, no padding)",
     "splice": "replacement applied only at positions the store keeps (kept_positions); others stay clean",
     "reconstruction": "metrics over kept positions only, SAE in the activation's original scale",
     "loss_recovered": "eq. 5: (CE_ablated - CE_sae) / (CE_ablated - CE_clean); zero ablation unless _mean",
+    "ci95": "paired bootstrap over held-out windows: the same resampled windows for clean, ablated and spliced "
+            "CE, ratio of means recomputed per resample, 2.5th and 97.5th percentiles",
     "kl": "KL(clean || spliced) per scored prediction, nats",
     "gamma": "eq. 10 (v2): E||x_hat||^2 / E[x_hat . x], ratio of eval-set means",
     "explained_variance": "1 - E||x - x_hat||^2 / E||x - mean_eval(x)||^2",
@@ -59,14 +70,22 @@ class EvalConfig:
     device: str = "auto"
     """Torch device for the LM and SAEs (`auto`: cuda when available)."""
 
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """LM compute dtype."""
+    dtype: Literal["store", "auto", "float32", "bfloat16", "float16"] = "store"
+    """LM compute dtype: `store` = the store's harvest dtype (provenance `lm_dtype`); `auto` = bfloat16 where the
+    device runs it natively and faster, else float32 (`saeforge.trainer.device.resolve_dtype`)."""
 
     cache_dir: str | None = None
-    """Cache of clean/ablation CEs keyed by (model, hook, eval tokens, store mean); None: ~/.cache/saeforge/eval."""
+    """Cache of clean/ablation CEs keyed by (model, compute dtype, hook, eval tokens, store mean);
+    None: ~/.cache/saeforge/eval."""
 
     dense_threshold: float = M.DENSE_THRESHOLD
     """A feature active on more than this fraction of evaluated rows counts as dense."""
+
+    bootstrap_resamples: int = B.N_RESAMPLES
+    """Paired bootstrap resamples of the held-out windows for the 95% intervals."""
+
+    bootstrap_seed: int = B.SEED
+    """Seed of the bootstrap's resample indices."""
 
     def __post_init__(self):
         problems = []
@@ -76,8 +95,10 @@ class EvalConfig:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.strategy not in ("auto", "shared_prefix", "full"):
             problems.append(f"strategy must be auto|shared_prefix|full, got {self.strategy!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            problems.append(f"dtype must be float32|bfloat16|float16, got {self.dtype!r}")
+        if self.dtype not in DTYPE_SPECS:
+            problems.append(f"dtype must be {'|'.join(DTYPE_SPECS)}, got {self.dtype!r}")
+        if self.bootstrap_resamples < 1:
+            problems.append(f"bootstrap_resamples must be >= 1, got {self.bootstrap_resamples}")
         if not 0 < self.dense_threshold <= 1:
             problems.append(f"dense_threshold must be in (0, 1], got {self.dense_threshold}")
         if problems:
@@ -127,31 +148,15 @@ def _eval_windows(prov: dict, tokenizer, cfg: EvalConfig, store_path: str) -> to
     return torch.as_tensor(np.stack(windows[:usable]), dtype=torch.long)
 
 
-def _digest(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()
+def resolve_settings(cfg: EvalConfig, prov: dict, *, warn: bool = True) -> tuple[EvalConfig, str | None]:
+    """(cfg with `device` and `dtype` resolved, the store's harvest dtype or None when it records none).
 
-
-def _cache_path(cfg: EvalConfig, key: str) -> Path:
-    root = Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache" / "saeforge" / "eval"
-    return root / f"{key}.json"
-
-
-def _read_cache(path: Path) -> AblationCE | None:
-    try:
-        d = json.loads(path.read_text())
-        return AblationCE(d["clean"], d["zero"], d["mean"], d["n_scored"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _write_cache(path: Path, abl: AblationCE, what: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({**abl._asdict(), "key": what}, indent=1))
-    tmp.replace(path)
+    `warn`: let `resolve_dtype` print its warning line (bf16 on a CPU without native bf16).
+    """
+    store_dtype = prov.get("lm_dtype")
+    spec = (store_dtype or STORE_DTYPE_DEFAULT) if cfg.dtype == "store" else cfg.dtype
+    device = resolve_device(cfg.device)
+    return replace(cfg, device=str(device), dtype=resolve_dtype(spec, device, warn=warn)), store_dtype
 
 
 def _check_models(runs, spec: str) -> None:
@@ -173,6 +178,13 @@ def _check_runs(runs, store, lm, spec: str) -> None:
             raise EvalError(f"{where}: d_in {info.d_in} but {info.hook_name} is {store.d(info.hook_name)} wide")
 
 
+def _intervals(a, r: SpliceResult, cfg: EvalConfig) -> dict:
+    if a.clean_w is None or r.ce_w is None or len(r.ce_w) == 0:
+        return {"loss_recovered_ci95": None, "loss_recovered_mean_ci95": None, "delta_ce_ci95": None}
+    return B.splice_intervals(a.clean_w, r.ce_w, a.n_scored_w, zero=a.zero_w, mean=a.mean_w,
+                              n_resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)
+
+
 def _record(info, hook: HookResult, r: SpliceResult, cfg: EvalConfig, meta: dict) -> dict:
     a = hook.ablation
     dens = M.feature_density(r.recon.feature_counts, r.recon.n_rows, cfg.dense_threshold)
@@ -183,22 +195,73 @@ def _record(info, hook: HookResult, r: SpliceResult, cfg: EvalConfig, meta: dict
         "delta_ce": M.delta_ce(a.clean, r.ce), "kl": r.kl, "l0": r.recon.l0, "mse": r.recon.mse,
         "sq_err": r.recon.sq_err, "explained_variance": r.recon.explained_variance, "gamma": r.recon.gamma,
         "l2_ratio": r.recon.l2_ratio, "d_sae": info.d_sae, "n_dead": dens.n_dead, "n_dense": dens.n_dense,
-        "frac_alive": dens.frac_alive,
+        "frac_alive": dens.frac_alive, **_intervals(a, r, cfg),
+        "n_windows": meta["tokens"]["n_windows"], "bootstrap_resamples": cfg.bootstrap_resamples,
+        "bootstrap_seed": cfg.bootstrap_seed,
     }
     return {"format": EVAL_FORMAT, "run_dir": str(info.run_dir), "architecture": info.architecture,
-            "hook": info.hook_name, **meta, "strategy": hook.strategy, "config": asdict(cfg),
-            "conventions": CONVENTIONS,
+            "hook": info.hook_name, **meta, "identity": meta["identity"][str(info.run_dir)],
+            "strategy": hook.strategy, "config": asdict(cfg), "conventions": CONVENTIONS,
             "tokens": {**meta["tokens"], "n_scored": a.n_scored, "n_spliced": hook.n_spliced},
             "metrics": {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()},
             "density_histogram": {"log10_edges": dens.log10_edges, "counts": dens.counts,
                                   "n_dead": dens.n_dead, "threshold": dens.threshold}}
 
 
-def _evaluate_store(store_path: str, runs, cfg: EvalConfig, lms: dict, progress: bool) -> list[dict]:
+def _cache_keys(lm, spec: str, cfg: EvalConfig, hooks, means, text_hash: str) -> dict[str, dict]:
+    """Per hook, what its clean/ablation CEs depend on: model, compute dtype, hook, eval tokens, store mean."""
+    model_id = {"spec": spec, **{k: lm.info.get(k) for k in ("sha256", "revision", "hf_name")}, "dtype": cfg.dtype}
+    return {h: {"model": model_id, "hook": h, "tokens_sha256": text_hash,
+                "mean_sha256": F.digest(means[h].numpy().tobytes())} for h in hooks}
+
+
+def _compute(store, runs, cfg: EvalConfig, spec: str, lms: dict, progress: bool, meta: dict) -> dict[str, dict]:
+    """Evaluate `runs` (all on `store`) with resolved settings `cfg`; write and return their eval.json records."""
     from tqdm import tqdm
 
     from saeforge.pipeline.data import kept_positions
     from saeforge.pipeline.lm import load_lm
+
+    prov = store.provenance
+    if (spec, cfg.dtype, cfg.device) not in lms:
+        lms[spec, cfg.dtype, cfg.device] = load_lm(spec, device=cfg.device, dtype=cfg.dtype)
+    lm = lms[spec, cfg.dtype, cfg.device]
+    _check_runs(runs, store, lm, spec)
+    tokens = _eval_windows(prov, lm.tokenizer, cfg, store.path)
+    kept = kept_positions(tokens, prov)
+    text_hash = F.digest(tokens.numpy().tobytes(), kept.numpy().tobytes())
+    hooks = list(dict.fromkeys(info.hook_name for _, info in runs))
+    means = {h: torch.as_tensor(store.stats(h).mean, dtype=torch.float32) for h in hooks}
+    keys = _cache_keys(lm, spec, cfg, hooks, means, text_hash)
+    paths = {h: F.cache_path(cfg.cache_dir, keys[h]) for h in hooks}
+    known = {h: c for h in hooks if (c := F.read_cache(paths[h])) is not None}
+    by_hook = {h: [sae.to(lm.device) for sae, info in runs if info.hook_name == h] for h in hooks}
+    batches = list(zip(tokens.split(cfg.batch_size), kept.split(cfg.batch_size)))
+    t0 = time.perf_counter()
+    with tqdm(total=tokens.numel(), unit="tok", desc="eval", file=sys.stderr, disable=not progress) as bar:
+        results = evaluate_hooks(lm.bridge, batches, by_hook, means=means, known=known,
+                                 strategy=cfg.strategy, progress=bar.update)
+    for h in hooks:
+        if h not in known:
+            F.write_cache(paths[h], results[h].ablation, keys[h])
+    meta = {"model": spec, "model_info": lm.info, **meta, "eval_seconds": time.perf_counter() - t0,
+            "tokens": {"n_windows": int(tokens.shape[0]), "context_size": int(tokens.shape[1]),
+                       "n_tokens": int(tokens.numel()), "sha256": text_hash},
+            "ablation_cache": {h: ("hit" if h in known else "computed") for h in hooks}}
+    counters = {h: 0 for h in hooks}
+    records = {}
+    for _, info in runs:
+        h = info.hook_name
+        rec = _record(info, results[h], results[h].saes[counters[h]], cfg, meta)
+        counters[h] += 1
+        F.write_eval(info.run_dir, rec)
+        records[str(info.run_dir)] = rec
+    return records
+
+
+def _evaluate_store(store_path: str, runs, cfg: EvalConfig, lms: dict, progress: bool,
+                    force: bool) -> dict[str, dict]:
+    """{run_dir: eval.json record} for the runs of one store: current ones read back, the others computed."""
     from saeforge.stores import open_store
 
     store = open_store(store_path)
@@ -206,50 +269,31 @@ def _evaluate_store(store_path: str, runs, cfg: EvalConfig, lms: dict, progress:
     spec = cfg.model or prov.get("model") or runs[0][1].model_name
     _n_batches(prov, cfg)  # cheap checks fail before the model loads
     _check_models(runs, spec)
-    if spec not in lms:
-        lms[spec] = load_lm(spec, device=cfg.device, dtype=cfg.dtype)
-    lm = lms[spec]
-    _check_runs(runs, store, lm, spec)
-    tokens = _eval_windows(prov, lm.tokenizer, cfg, store_path)
-    kept = kept_positions(tokens, prov)
-    text_hash = _digest(tokens.numpy().tobytes(), kept.numpy().tobytes())
-    hooks = list(dict.fromkeys(info.hook_name for _, info in runs))
-    means = {h: torch.as_tensor(store.stats(h).mean, dtype=torch.float32) for h in hooks}
-    model_id = {"spec": spec, **{k: lm.info.get(k) for k in ("sha256", "revision", "hf_name")}, "dtype": cfg.dtype}
-    keys = {h: {"model": model_id, "hook": h, "tokens_sha256": text_hash, "format": EVAL_FORMAT,
-                "mean_sha256": _digest(means[h].numpy().tobytes())} for h in hooks}
-    paths = {h: _cache_path(cfg, _digest(keys[h])) for h in hooks}
-    known = {h: c for h in hooks if (c := _read_cache(paths[h])) is not None}
-    by_hook = {h: [sae.to(lm.device) for sae, info in runs if info.hook_name == h] for h in hooks}
-    batches = [(t, k) for t, k in zip(tokens.split(cfg.batch_size), kept.split(cfg.batch_size))]
-    t0 = time.perf_counter()
-    with tqdm(total=tokens.numel(), unit="tok", desc="eval", file=sys.stderr, disable=not progress) as bar:
-        results = evaluate_hooks(lm.bridge, batches, by_hook, means=means, known=known,
-                                 strategy=cfg.strategy, progress=bar.update)
-    for h in hooks:
-        if h not in known:
-            _write_cache(paths[h], results[h].ablation, keys[h])
-    meta = {"model": spec, "model_info": lm.info, "store": str(store_path), "eval_seconds": time.perf_counter() - t0,
-            "tokens": {"n_windows": int(tokens.shape[0]), "context_size": int(tokens.shape[1]),
-                       "n_tokens": int(tokens.numel()), "sha256": text_hash},
-            "ablation_cache": {h: ("hit" if h in known else "computed") for h in hooks}}
-    counters = {h: 0 for h in hooks}
-    records = []
-    for _, info in runs:
-        h = info.hook_name
-        rec = _record(info, results[h], results[h].saes[counters[h]], cfg, meta)
-        counters[h] += 1
-        (Path(info.run_dir) / EVAL_FILE).write_text(json.dumps(rec, indent=2))
-        records.append(rec)
-    return records
+    settings, store_dtype = resolve_settings(cfg, prov, warn=False)
+    identity = {str(info.run_dir): F.run_identity(asdict(settings), info.run_dir, store.attrs) for _, info in runs}
+    current = {} if force else {d: rec for d, ident in identity.items()
+                                if (rec := F.read_current(Path(d), ident)) is not None}
+    for d in current:
+        print(f"saeforge eval: {d}: {EVAL_FILE} is up to date (same settings, weights and store); kept",
+              file=sys.stderr)
+    stale = [(sae, info) for sae, info in runs if str(info.run_dir) not in current]
+    if not stale:
+        return current
+    settings, _ = resolve_settings(cfg, prov, warn=True)  # its warning line only when the LM will run
+    meta = {"store": str(store_path), "lm_dtype": settings.dtype, "store_lm_dtype": store_dtype,
+            "dtype_requested": cfg.dtype, "identity": identity}
+    return {**current, **_compute(store, stale, settings, spec, lms, progress, meta)}
 
 
-def evaluate_runs(run_dirs: Iterable[str | Path], cfg: EvalConfig | None = None, *,
-                  progress: bool = True) -> list[dict]:
-    """Evaluate SAE run directories on their stores' held-out text; writes eval.json into each; returns them.
+def evaluate_runs(run_dirs: Iterable[str | Path], cfg: EvalConfig | None = None, *, progress: bool = True,
+                  force: bool = False) -> list[dict]:
+    """Evaluate SAE run directories on their stores' held-out text; writes eval.json into each; returns them
+    in the order given.
 
     Runs are grouped by training store: per store, the LM (from its provenance, or `cfg.model`) runs once per
-    batch up to the hooks, and every SAE of every hook shares that prefix.
+    batch up to the hooks, and every SAE of every hook shares that prefix. A run whose eval.json is up to date
+    (`saeforge.pipeline.eval_files`) is read back instead (`force`: evaluate it anyway); when every run is up
+    to date no LM is loaded. The returned records carry `run_dir` as given here.
     """
     cfg = cfg or EvalConfig()
     runs = _load_runs(run_dirs)
@@ -257,6 +301,7 @@ def evaluate_runs(run_dirs: Iterable[str | Path], cfg: EvalConfig | None = None,
     for sae, info in runs:
         groups.setdefault(str(info.store), []).append((sae, info))
     lms: dict = {}
-    order = {str(info.run_dir): i for i, (_, info) in enumerate(runs)}
-    records = [rec for store, group in groups.items() for rec in _evaluate_store(store, group, cfg, lms, progress)]
-    return sorted(records, key=lambda r: order[r["run_dir"]])
+    records: dict[str, dict] = {}
+    for store, group in groups.items():
+        records.update(_evaluate_store(store, group, cfg, lms, progress, force))
+    return [{**records[str(info.run_dir)], "run_dir": str(info.run_dir)} for _, info in runs]

@@ -21,6 +21,10 @@ replacement at that hook; per replacement one float32 log-softmax gives both CE 
 values are float32; sums over tokens are float64 (never a float64 (rows, d_vocab) tensor). Sums stay on the
 device until the end, so a GPU run does not synchronise per SAE.
 
+Per-window sums: every CE (clean, zero, mean, each SAE) is also returned as a (n_windows,) float64 array of
+per-window CE sums, with the (n_windows,) counts of scored predictions, so that `saeforge.pipeline.bootstrap`
+can resample windows for paired intervals of eq. 5 and ΔCE.
+
 Conventions: CE is the mean over next-token predictions (logits at t scored against token t+1,
 t = 0..pos-2) whose target is not the pad token; the replacement is applied only where `kept` is True,
 other positions keep the clean activation; reconstruction metrics are over kept positions only.
@@ -33,6 +37,7 @@ import weakref
 from contextlib import contextmanager
 from typing import Iterable, Literal, NamedTuple
 
+import numpy as np
 import torch
 
 from saeforge.pipeline import metrics as M
@@ -49,12 +54,20 @@ class EvalError(ValueError):
 
 
 class AblationCE(NamedTuple):
-    """Cross-entropies that depend only on (model, hook, eval text): cacheable across SAEs and runs."""
+    """Cross-entropies that depend only on (model, hook, eval text): cacheable across SAEs and runs.
+
+    `clean`, `zero`, `mean` are means over scored predictions; the `_w` arrays are (n_windows,) per-window
+    CE sums (float64) and scored-prediction counts (int64), None where unknown (e.g. a cache without them).
+    """
 
     clean: float
     zero: float
     mean: float | None
     n_scored: int
+    clean_w: np.ndarray | None = None
+    zero_w: np.ndarray | None = None
+    mean_w: np.ndarray | None = None
+    n_scored_w: np.ndarray | None = None
 
 
 class SpliceResult(NamedTuple):
@@ -63,6 +76,8 @@ class SpliceResult(NamedTuple):
     ce: float
     kl: float
     recon: M.ReconstructionMetrics
+    ce_w: np.ndarray | None = None
+    """(n_windows,) per-window sums of the spliced CE over scored predictions (float64)."""
 
 
 class HookResult(NamedTuple):
@@ -225,6 +240,7 @@ class _CleanRef(NamedTuple):
     p: torch.Tensor  # exp(logp)
     target: torch.Tensor  # (rows,) next tokens
     scored: torch.Tensor  # (rows,) bool
+    n_windows: int  # batch
 
 
 def _next_logp(logits: torch.Tensor) -> torch.Tensor:
@@ -238,17 +254,19 @@ def _next_logp(logits: torch.Tensor) -> torch.Tensor:
 
 def _clean_ref(logits: torch.Tensor, tokens: torch.Tensor, scored: torch.Tensor) -> _CleanRef:
     logp = _next_logp(logits)
-    return _CleanRef(logp, logp.exp(), tokens[:, 1:].reshape(-1), scored.reshape(-1))
+    return _CleanRef(logp, logp.exp(), tokens[:, 1:].reshape(-1), scored.reshape(-1), tokens.shape[0])
 
 
 def _ce_sum(logp: torch.Tensor, ref: _CleanRef) -> torch.Tensor:
-    """Sum over scored predictions of -log p(target): float32 per token, float64 sum (0-d, on the device)."""
-    nll = logp.gather(1, ref.target[:, None]).squeeze(1).neg()
-    return nll.double()[ref.scored].sum()
+    """Per-window sums over scored predictions of -log p(target): float32 per token, float64 sums
+    ((batch,), on the device)."""
+    nll = logp.gather(1, ref.target[:, None]).squeeze(1).neg().double()
+    return torch.where(ref.scored, nll, 0.0).reshape(ref.n_windows, -1).sum(1)
 
 
 def _ce_kl_sums(logits: torch.Tensor, ref: _CleanRef) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CE sum, KL(clean || spliced) sum) over scored predictions from ONE log-softmax; exactly 0 KL if equal."""
+    """(per-window CE sums, KL(clean || spliced) sum) over scored predictions from ONE log-softmax;
+    exactly 0 KL if equal."""
     logp = _next_logp(logits)
     ce = _ce_sum(logp, ref)
     kl = logp.neg_().add_(ref.logp).mul_(ref.p).sum(-1)  # in place: p * (logp_clean - logp), float32 per token
@@ -256,15 +274,17 @@ def _ce_kl_sums(logits: torch.Tensor, ref: _CleanRef) -> tuple[torch.Tensor, tor
 
 
 class _HookState:
-    """Accumulators for one hook across batches (0-d float64 tensors on the model's device)."""
+    """Accumulators for one hook across batches: per-batch (batch,) float64 per-window CE sums and 0-d KL
+    sums, on the model's device until `_finish`."""
 
     def __init__(self, plan: _Plan, saes: list, mean: torch.Tensor | None, known: AblationCE | None):
         self.plan, self.saes, self.mean, self.known = plan, saes, mean, known
-        self.ce = {"clean": 0.0, "zero": 0.0, "mean": 0.0}
-        self.ce_sae = [0.0] * len(saes)
+        self.ce: dict[str, list[torch.Tensor]] = {"clean": [], "zero": [], "mean": []}
+        self.ce_sae: list[list[torch.Tensor]] = [[] for _ in saes]
         self.kl_sae = [0.0] * len(saes)
         self.recon: list[M.ReconstructionAccumulator | None] = [None] * len(saes)
-        self.n_scored = self.n_spliced = 0
+        self.n_scored_w: list[torch.Tensor] = []
+        self.n_spliced = 0
 
 
 def _eval_hook_batch(engine: _Engine, st: _HookState, tokens, kept, scored, captured, full_clean) -> None:
@@ -276,15 +296,15 @@ def _eval_hook_batch(engine: _Engine, st: _HookState, tokens, kept, scored, capt
         clean = engine.run(plan, tokens, captured, None)
     ref = _clean_ref(clean, tokens, scored)
     del clean
-    st.ce["clean"] += _ce_sum(ref.logp, ref)
+    st.ce["clean"].append(_ce_sum(ref.logp, ref))
     if st.known is None:
         zero = engine.run(plan, tokens, captured, _replace(x, kept, torch.zeros(())))
-        st.ce["zero"] += _ce_sum(_next_logp(zero), ref)
+        st.ce["zero"].append(_ce_sum(_next_logp(zero), ref))
         del zero
         if st.mean is not None:
             mean = st.mean.to(x.device, x.dtype).expand(int(kept.sum()), -1)
             ablated = engine.run(plan, tokens, captured, _replace(x, kept, mean))
-            st.ce["mean"] += _ce_sum(_next_logp(ablated), ref)
+            st.ce["mean"].append(_ce_sum(_next_logp(ablated), ref))
             del ablated
     x_kept = x[kept]
     for i, sae in enumerate(st.saes):
@@ -295,21 +315,36 @@ def _eval_hook_batch(engine: _Engine, st: _HookState, tokens, kept, scored, capt
             st.recon[i] = M.ReconstructionAccumulator(x.shape[-1], f.shape[-1])
         st.recon[i].update(x_in, x_hat, f)
         ce, kl = _ce_kl_sums(engine.run(plan, tokens, captured, _replace(x, kept, x_hat)), ref)
-        st.ce_sae[i] += ce
+        st.ce_sae[i].append(ce)
         st.kl_sae[i] += kl
-    st.n_scored += int(scored.sum())
+    st.n_scored_w.append(scored.sum(1))
     st.n_spliced += int(kept.sum())
 
 
+def _windows(parts: list[torch.Tensor]) -> np.ndarray:
+    """Per-batch (batch,) tensors -> one (n_windows,) numpy array (one device-to-host copy)."""
+    return torch.cat(parts).cpu().numpy() if parts else np.zeros(0)
+
+
 def _finish(st: _HookState, strategy: str) -> HookResult:
-    n = max(st.n_scored, 1)
-    ce = {k: float(v) / n for k, v in st.ce.items()}
+    n_w = _windows(st.n_scored_w).astype(np.int64)
+    n_scored = int(n_w.sum())
+    n = max(n_scored, 1)
+    w = {k: _windows(v) for k, v in st.ce.items()}
+    clean = float(w["clean"].sum()) / n
     if st.known is not None:
-        abl = AblationCE(ce["clean"], st.known.zero, st.known.mean, st.n_scored)
+        k = st.known
+        if k.zero_w is not None and len(k.zero_w) != len(n_w):
+            raise EvalError(f"{st.plan.hook}: known ablation CEs cover {len(k.zero_w)} windows, not {len(n_w)}")
+        abl = AblationCE(clean, k.zero, k.mean, n_scored, w["clean"], k.zero_w, k.mean_w, n_w)
     else:
-        abl = AblationCE(ce["clean"], ce["zero"], ce["mean"] if st.mean is not None else None, st.n_scored)
-    saes = [SpliceResult(float(c) / n, float(k) / n, acc.result())
-            for c, k, acc in zip(st.ce_sae, st.kl_sae, st.recon)]
+        mean = float(w["mean"].sum()) / n if st.mean is not None else None
+        mean_w = w["mean"] if st.mean is not None else None
+        abl = AblationCE(clean, float(w["zero"].sum()) / n, mean, n_scored, w["clean"], w["zero"], mean_w, n_w)
+    saes = []
+    for parts, kl, acc in zip(st.ce_sae, st.kl_sae, st.recon):
+        ce_w = _windows(parts)
+        saes.append(SpliceResult(float(ce_w.sum()) / n, float(kl) / n, acc.result(), ce_w))
     return HookResult(st.plan.hook, abl, saes, strategy, st.n_spliced)
 
 

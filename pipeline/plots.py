@@ -1,8 +1,11 @@
 """Sweep reports from eval.json files: a table (CSV + markdown) and PNG plots.
 
-Plots: the Pareto plot (L0 on a log axis vs loss recovered, one series per architecture, arXiv 2404.16014
-Fig. 1), γ vs L0 (Fig. 6), training curves from each run's metrics.jsonl, and a log10 feature-density
-histogram per SAE. matplotlib runs on the Agg backend.
+Plots: the Pareto plot (L0 on a log axis vs loss recovered, one series per architecture with its paired
+bootstrap 95% interval as error bars, arXiv 2404.16014 Fig. 1), γ vs L0 (Fig. 6), training curves from each
+run's metrics.jsonl, and a log10 feature-density histogram per SAE. A sweep may hold SAEs of several hooks
+(sites) of one store: the Pareto and γ plots then get one panel per hook, and the table a hook column (rows
+sorted by hook, architecture, λ). Figures are built with matplotlib's object API (`matplotlib.figure.Figure`),
+so no global backend is set.
 """
 from __future__ import annotations
 
@@ -14,10 +17,15 @@ from pathlib import Path
 
 SWEEP_FILE = "sweep.json"
 EVAL_FILE = "eval.json"
-COLUMNS = ["run", "architecture", "hook", "d_sae", "l1_coefficient", "l0", "loss_recovered",
-           "loss_recovered_mean", "delta_ce", "kl", "ce_clean", "ce_sae", "ce_zero_ablation", "mse",
-           "explained_variance", "gamma", "l2_ratio", "n_dead", "n_dense", "frac_alive"]
+CI_COLUMNS = {"loss recovered [95% CI]": "loss_recovered_ci95",
+              "loss recovered, mean abl. [95% CI]": "loss_recovered_mean_ci95", "ΔCE [95% CI]": "delta_ce_ci95"}
+"""Table column -> eval.json metric holding a [lo, hi] interval."""
+COLUMNS = ["hook", "run", "architecture", "d_sae", "l1_coefficient", "l0", "loss_recovered",
+           "loss recovered [95% CI]", "loss_recovered_mean", "loss recovered, mean abl. [95% CI]", "delta_ce",
+           "ΔCE [95% CI]", "kl", "ce_clean", "ce_sae", "ce_zero_ablation", "ce_mean_ablation", "mse",
+           "explained_variance", "gamma", "l2_ratio", "n_dead", "n_dense", "frac_alive", "n_windows", "lm_dtype"]
 ARCH_STYLE = {"baseline": ("tab:blue", "o"), "gated": ("tab:red", "s")}
+PANELS_PER_ROW = 3
 
 
 class PlotError(ValueError):
@@ -32,7 +40,8 @@ def _run_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def load_sweep(sweep_dir: str | Path) -> list[dict]:
-    """One row per evaluated run of the sweep: COLUMNS plus `eval` (the whole eval.json)."""
+    """One row per evaluated run of the sweep (eval.json metrics, hook, architecture, λ, plus `eval`: the whole
+    eval.json), sorted by hook, architecture and λ."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise PlotError(f"{sweep_dir} is not a directory")
@@ -46,12 +55,19 @@ def load_sweep(sweep_dir: str | Path) -> list[dict]:
         cfg_path = d / "cfg.json"
         sae_cfg = json.loads(cfg_path.read_text()).get("saeforge", {}).get("sae", {}) if cfg_path.is_file() else {}
         rows.append({"run": d.name, "architecture": ev["architecture"], "hook": ev["hook"],
-                     "l1_coefficient": sae_cfg.get("l1_coefficient"), **ev["metrics"], "eval": ev})
+                     "l1_coefficient": sae_cfg.get("l1_coefficient"), "lm_dtype": ev.get("lm_dtype"),
+                     **ev["metrics"], "eval": ev})
     if not rows:
         raise PlotError(f"no run in {sweep_dir} has {EVAL_FILE}; run `saeforge eval {sweep_dir}/*` first")
     if missing:
         print(f"saeforge plot: skipping runs without {EVAL_FILE}: {', '.join(missing)}", file=sys.stderr)
-    return sorted(rows, key=lambda r: (r["architecture"], r["l0"]))
+    return sorted(rows, key=_order)
+
+
+def _order(r: dict):
+    """Hook, architecture, λ (runs without one last), then L0."""
+    lam = r.get("l1_coefficient")
+    return (r["hook"], r["architecture"], math.inf if lam is None else lam, r.get("l0") or 0)
 
 
 def _fmt(v) -> str:
@@ -62,72 +78,99 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _cell(r: dict, column: str) -> str:
+    if column in CI_COLUMNS:
+        ci = r.get(CI_COLUMNS[column])
+        return f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""
+    return _fmt(r.get(column))
+
+
 def write_table(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
-    """sweep_table.csv and sweep_table.md (loss recovered, γ and explained variance as plain fractions)."""
+    """sweep_table.csv and sweep_table.md (loss recovered, γ and explained variance as plain fractions;
+    intervals as `[lo, hi]`), in the rows' order."""
     csv_path, md_path = out_dir / "sweep_table.csv", out_dir / "sweep_table.md"
+    cells = [[_cell(r, c) for c in COLUMNS] for r in rows]
     with csv_path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
-        w.writerows([[_fmt(r.get(c)) for c in COLUMNS] for r in rows])
+        w.writerows(cells)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
 
-def _plt():
-    import matplotlib
+def _figure(n_panels: int = 1, panel=(6.0, 4.5)):
+    """(Figure, list of n_panels axes), PANELS_PER_ROW panels per row, unused cells removed."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    ncols = min(n_panels, PANELS_PER_ROW)
+    nrows = math.ceil(n_panels / ncols)
+    fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows), layout="constrained")
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    for ax in axes[n_panels:]:
+        ax.remove()
+    return fig, axes[:n_panels]
 
-    return plt
+
+def _save(fig, path: Path, dpi: int) -> Path:
+    fig.savefig(path, dpi=dpi)
+    return path
 
 
-def _by_arch(rows, y: str):
+def _series(rows, y: str, ci: str | None):
+    """{architecture: [(L0, y, [lo, hi] or None)]} sorted by L0; rows without L0 (or y) are left out."""
     out: dict[str, list] = {}
     for r in rows:
         if r.get("l0") and r.get(y) is not None:
-            out.setdefault(r["architecture"], []).append((r["l0"], r[y]))
-    return {a: sorted(v) for a, v in out.items()}
+            out.setdefault(r["architecture"], []).append((r["l0"], r[y], r.get(ci) if ci else None))
+    return {a: sorted(v, key=lambda p: p[0]) for a, v in sorted(out.items())}
 
 
-def _scatter(rows, y: str, ylabel: str, title: str, path: Path, hline: float | None = None) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for arch, pts in _by_arch(rows, y).items():
+def _panel(ax, rows, y: str, ci: str | None, hline: float | None) -> None:
+    for arch, pts in _series(rows, y, ci).items():
         color, marker = ARCH_STYLE.get(arch, ("tab:gray", "^"))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=arch)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        if any(p[2] for p in pts):  # asymmetric error bars from the interval; none where it is missing
+            err = [[max(p[1] - p[2][0], 0) if p[2] else 0 for p in pts],
+                   [max(p[2][1] - p[1], 0) if p[2] else 0 for p in pts]]
+            ax.errorbar(xs, ys, yerr=err, marker=marker, color=color, label=arch, capsize=3)
+        else:
+            ax.plot(xs, ys, marker=marker, color=color, label=arch)
     if hline is not None:
         ax.axhline(hline, color="k", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.set_xlabel("L0 (active features per token, log scale)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+
+
+def sweep_figure(rows: list[dict], y: str, ylabel: str, title: str, *, ci: str | None = None,
+                 hline: float | None = None):
+    """One panel per hook (sorted): `y` against L0 (log axis), one series per architecture, with the
+    eval.json interval `ci` as error bars when given. Returns the matplotlib Figure."""
+    hooks = sorted({r["hook"] for r in rows})
+    fig, axes = _figure(len(hooks))
+    for ax, hook in zip(axes, hooks):
+        _panel(ax, [r for r in rows if r["hook"] == hook], y, ci, hline)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} — {hook}", fontsize=10)
+    return fig
 
 
 def plot_density(row: dict, path: Path) -> Path:
     """Histogram of log10 feature density for one SAE; dead features reported in the title."""
-    plt = _plt()
     h = row["eval"]["density_histogram"]
     edges, counts = h["log10_edges"], h["counts"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, (ax,) = _figure(1, (5.5, 3.5))
     ax.stairs(counts, edges, fill=True, alpha=0.7)
     ax.axvline(math.log10(h["threshold"]), color="k", ls="--", lw=0.8)
     ax.set_xlabel("log10 feature density (fraction of tokens active)")
     ax.set_ylabel("features")
-    ax.set_title(f"{row['run']} ({row['architecture']}): {h['n_dead']} dead, {row.get('n_dense')} dense")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    ax.set_title(f"{row['run']} ({row['architecture']}, {row['hook']}): {h['n_dead']} dead, "
+                 f"{row.get('n_dense')} dense", fontsize=9)
+    return _save(fig, path, 100)
 
 
 CURVES = [("l0", "L0", True), ("explained_variance", "explained variance", False), ("gamma", "γ", False),
@@ -143,41 +186,36 @@ def plot_training_curves(rows: list[dict], sweep_dir: Path, path: Path) -> Path 
             runs.append((r, [json.loads(line) for line in f.read_text().splitlines() if line.strip()]))
     if not runs:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.6))
+    fig, axes = _figure(len(CURVES), (4.0, 3.6))
+    several = len({r["hook"] for r, _ in runs}) > 1
     for ax, (key, label, log) in zip(axes, CURVES):
         for r, lines in runs:
             pts = [(m["step"], m[key]) for m in lines if m.get(key) is not None]
             color, _ = ARCH_STYLE.get(r["architecture"], ("tab:gray", "^"))
+            where = f"{r['hook']} " if several else ""
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, alpha=0.8, lw=1.2,
-                    label=f"{r['architecture']} λ={_fmt(r.get('l1_coefficient'))}")
+                    label=f"{where}{r['architecture']} λ={_fmt(r.get('l1_coefficient'))}")
         ax.set_xlabel("step")
         ax.set_title(label)
         ax.grid(True, alpha=0.3)
         if log:
             ax.set_yscale("log")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 100)
 
 
 def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, list[str]]:
-    """Write the table and plots for a sweep; returns {"table": [...], "plots": [...]} paths."""
+    """Write the table and plots for a sweep; returns {"table": [csv, md], "plots": [png...], "hooks": [...]}."""
     sweep_dir = Path(sweep_dir)
     rows = load_sweep(sweep_dir)
     out = Path(out_dir) if out_dir else sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    hooks = sorted({r["hook"] for r in rows})
-    site = hooks[0] if len(hooks) == 1 else f"{len(hooks)} hooks"
-    plots = [
-        _scatter(rows, "loss_recovered", "loss recovered (eq. 5, zero ablation)",
-                 f"Pareto: loss recovered vs L0 — {site}", out / "pareto.png", hline=1.0),
-        _scatter(rows, "gamma", "γ (relative reconstruction bias, eq. 10)", f"Shrinkage: γ vs L0 — {site}",
-                 out / "gamma_vs_l0.png", hline=1.0),
-    ]
+    pareto = sweep_figure(rows, "loss_recovered", "loss recovered (eq. 5, zero ablation)", "Pareto",
+                          ci="loss_recovered_ci95", hline=1.0)
+    gamma = sweep_figure(rows, "gamma", "γ (relative reconstruction bias, eq. 10)", "Shrinkage", hline=1.0)
+    plots = [_save(pareto, out / "pareto.png", 120), _save(gamma, out / "gamma_vs_l0.png", 120)]
     curves = plot_training_curves(rows, sweep_dir, out / "training_curves.png")
     plots += [curves] if curves else []
     plots += [plot_density(r, out / f"density_{r['run']}.png") for r in rows]
-    return {"table": [str(p) for p in write_table(rows, out)], "plots": [str(p) for p in plots]}
+    return {"table": [str(p) for p in write_table(rows, out)], "plots": [str(p) for p in plots],
+            "hooks": sorted({r["hook"] for r in rows})}

@@ -1,6 +1,8 @@
-"""Splicing engine on the tiny Llama bridge: exact invariants (PAPER.md §8 check 15) and shared prefix == full."""
-import shutil
+"""Splicing engine on the tiny Llama bridge: exact invariants (arXiv 2404.16014 eq. 5: identity splice 1, zeros 0),
+mean ablation with a nonzero mean, per-window CE sums, and shared prefix == full forwards.
 
+Run directories, eval.json and the CLI are tests/pipeline/test_eval_runs.py.
+"""
 import numpy as np
 import pytest
 import torch
@@ -183,171 +185,69 @@ def test_auto_checks_resuming_once_per_model_on_one_window(tiny_bridge):
     assert runs[1] == [2] * 6  # second call: no check at all
 
 
-# ------------------------------------------------------------------ run directories on a real store
+class Const(torch.nn.Module):
+    """Reconstructs every row as one fixed vector (so splicing it IS mean ablation with that vector)."""
 
-HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+    def __init__(self, v):
+        super().__init__()
+        self.v = v
 
+    def encode(self, x):
+        return torch.ones(x.shape[0], 1, dtype=x.dtype)
 
-def _random_text(directory, seed=0, n_docs=6, n_words=400):
-    import random
-
-    rng = random.Random(seed)
-    words = "the a sea of troubles mind slings arrows fortune sleep die nobler suffer arms question".split()
-    directory.mkdir()
-    for i in range(n_docs):
-        (directory / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(n_words)))
-    return directory
+    def decode(self, f):
+        return self.v.to(f.dtype).expand(f.shape[0], -1)
 
 
-def build_store(root, model_dir, *, context_size=16, heldout_every=4):
-    """A real store of the tiny Llama's activations at HOOKS, built the way harvest does (train windows only)."""
-    from saeforge.pipeline import data
-    from saeforge.pipeline.lm import capture, load_lm
-    from saeforge.stores import StoreWriter
+def _direct_ce_w(bridge, batches, hook, values=None):
+    """Per-window CE sums from one full forward per batch, the hook's kept positions replaced by `values(x)`."""
+    out = []
+    for tokens, kept in batches:
+        def fn(act, hook, kept=kept):
+            act = act.clone()
+            act[kept] = values(act[kept]).to(act.dtype)
+            return act
 
-    lm = load_lm(str(model_dir), device="cpu")
-    rules = data.WindowRules(context_size=context_size, heldout_every=heldout_every)
-    record = data.describe_dataset(str(_random_text(root / "text")))
-    prov = {"model": str(model_dir), "model_info": lm.info, "hooks": HOOKS, "seed": 0, "lm_dtype": "float32",
-            **data.text_provenance(record, lm.tokenizer, rules)}
-    windows = list(data.train_windows(record, lm.tokenizer, rules))
-    idx = torch.tensor([i for i, _ in windows])
-    tokens = torch.as_tensor(np.stack([w for _, w in windows]))
-    kept = data.kept_positions(tokens, prov)
-    acts = capture(lm, tokens, HOOKS)
-    path = root / "store"
-    with StoreWriter(str(path), hooks={h: int(acts[h].shape[-1]) for h in HOOKS}, dtype="float32",
-                     provenance=prov) as w:
-        pos = torch.arange(context_size).expand_as(tokens)
-        w.append({h: acts[h][kept] for h in HOOKS}, token_ids=tokens[kept],
-                 seq_idx=idx[:, None].expand_as(tokens)[kept], pos=pos[kept])
-    return path, lm
+        with torch.inference_mode():
+            logits = bridge.run_with_hooks(tokens, fwd_hooks=[(hook, fn)] if values else [])
+        scored = torch.ones(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.bool)
+        out += [M.next_token_ce_sum(logits[i:i + 1], tokens[i:i + 1], scored[i:i + 1]) for i in range(len(tokens))]
+    return np.array(out)
 
 
-@pytest.fixture(scope="module")
-def store_runs(tmp_path_factory, tiny_model_dir):
-    from saeforge.trainer.io import save_sae
-    from saeforge.trainer.sae import make_sae
-
-    root = tmp_path_factory.mktemp("eval_store")
-    store, lm = build_store(root, tiny_model_dir)
-    runs = []
-    for i, (arch, hook) in enumerate([("baseline", HOOKS[0]), ("gated", HOOKS[0]), ("baseline", HOOKS[1])]):
-        torch.manual_seed(i)
-        sae = make_sae(arch, 64, 96)
-        runs.append(save_sae(sae, root / f"run{i}", hook_name=hook, model_name=str(tiny_model_dir), store=str(store)))
-    return store, runs, lm
-
-
-def test_evaluate_runs_writes_eval_json(store_runs, tmp_path):
-    import json
-
-    from saeforge.pipeline.eval_runs import EvalConfig, evaluate_runs
-
-    store, runs, _ = store_runs
-    cfg = EvalConfig(tokens=64, batch_size=2, cache_dir=str(tmp_path / "cache"), device="cpu")
-    recs = evaluate_runs(runs, cfg, progress=False)
-    assert [r["run_dir"] for r in recs] == [str(r) for r in runs]
-    on_disk = json.loads((runs[1] / "eval.json").read_text())
-    assert on_disk["architecture"] == "gated" and on_disk["strategy"] == "shared_prefix"
-    m = on_disk["metrics"]
-    for k in ("loss_recovered", "loss_recovered_mean", "delta_ce", "kl", "l0", "mse", "explained_variance",
-              "gamma", "l2_ratio", "n_dead", "n_dense"):
-        assert k in m
-    assert m["ce_zero_ablation"] > m["ce_clean"] and m["kl"] >= 0
-    assert on_disk["tokens"]["n_tokens"] == 64 and on_disk["config"]["tokens"] == 64
-    assert sum(on_disk["density_histogram"]["counts"]) + on_disk["density_histogram"]["n_dead"] == 96
-    assert {r["ablation_cache"][HOOKS[0]] for r in recs} == {"computed"}
-    # second call: the clean/ablation CEs come from the cache and agree exactly
-    again = evaluate_runs(runs[:1], cfg, progress=False)[0]
-    assert again["ablation_cache"][HOOKS[0]] == "hit"
-    assert again["metrics"] == recs[0]["metrics"]
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"])
+def test_mean_ablation_splices_the_given_nonzero_mean(tiny_bridge, hook):
+    """CE_mean is the CE with THIS vector at every kept position: not zero ablation, equal to a direct splice."""
+    batches = _batches(seed=6)
+    mean = 0.5 * torch.randn(64, generator=torch.Generator().manual_seed(7)) + 0.25
+    res = evaluate_hooks(tiny_bridge, batches, {hook: [Const(mean)]}, means={hook: mean},
+                         strategy="shared_prefix")[hook]
+    n = res.ablation.n_scored
+    direct_mean = _direct_ce_w(tiny_bridge, batches, hook, lambda x: mean.expand_as(x))
+    direct_zero = _direct_ce_w(tiny_bridge, batches, hook, torch.zeros_like)
+    assert abs(direct_mean.sum() - direct_zero.sum()) / n > 1e-2  # the two ablations are far apart here
+    assert res.ablation.mean == pytest.approx(direct_mean.sum() / n, rel=1e-6)
+    assert res.ablation.zero == pytest.approx(direct_zero.sum() / n, rel=1e-6)
+    np.testing.assert_allclose(res.ablation.mean_w, direct_mean, rtol=1e-6)
+    assert res.saes[0].ce == res.ablation.mean  # splicing the constant is the same replacement
 
 
-def test_eval_tokens_disjoint_from_store_tokens(store_runs):
-    from itertools import islice
-
-    from saeforge.pipeline.data import heldout_windows, kept_positions
-    from saeforge.stores import open_store
-
-    store_path, _, lm = store_runs
-    s = open_store(str(store_path))
-    seq, pos, tok = s.seq_idx(0, s.n_rows), s.pos(0, s.n_rows), s.token_ids(0, s.n_rows)
-    stored: dict[int, dict[int, int]] = {}
-    for q, p, t in zip(seq.tolist(), pos.tolist(), tok.tolist()):
-        stored.setdefault(q, {})[p] = t
-    stored_windows = {tuple(v[p] for p in sorted(v)) for v in stored.values()}
-    held = list(islice(heldout_windows(s.provenance, lm.tokenizer), 50))
-    assert len(held) >= 4
-    for w in held:
-        kept = kept_positions(torch.as_tensor(w)[None], s.provenance)[0]
-        assert tuple(torch.as_tensor(w)[kept].tolist()) not in stored_windows
-
-
-# ------------------------------------------------------------------ CLI
-
-
-def _cli(*args):
-    from click.testing import CliRunner
-
-    from saeforge.pipeline.cli import main
-
-    return CliRunner().invoke(main, ["eval", *map(str, args), "--quiet", "--device", "cpu"])
-
-
-def test_cli_eval_then_plot(store_runs, tmp_path):
-    import json
-
-    from click.testing import CliRunner
-
-    from saeforge.pipeline.cli import main
-
-    _, runs, _ = store_runs
-    sweep = tmp_path / "sweep"
-    sweep.mkdir()
-    for r in runs:
-        shutil.copytree(r, sweep / r.name)
-    (sweep / "sweep.json").write_text(json.dumps({"runs": [r.name for r in runs]}))
-    r = _cli(*[sweep / x.name for x in runs], "--tokens", 64, "--batch-size", 2, "--cache-dir", tmp_path / "c")
-    assert r.exit_code == 0, r.output
-    out = json.loads(r.stdout)
-    assert len(out) == 3 and {o["strategy"] for o in out} == {"shared_prefix"}
-    r = CliRunner().invoke(main, ["plot", str(sweep)])
-    assert r.exit_code == 0, r.output
-    assert (sweep / "report" / "pareto.png").is_file()
-
-
-def _one_line_error(r, *needles):
-    assert r.exit_code != 0
-    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
-    assert "Traceback" not in r.output and len(errors) == 1, r.output
-    for n in needles:
-        assert n in r.output, r.output
-
-
-def test_cli_eval_bad_input(store_runs, tmp_path, tiny_model_dir, monkeypatch):
-    from saeforge.trainer.io import save_sae
-    from saeforge.trainer.sae import make_sae
-
-    store, runs, _ = store_runs
-    c = ("--cache-dir", tmp_path / "c")
-    # budget smaller than one batch (8 windows x 16 tokens)
-    _one_line_error(_cli(runs[0], "--tokens", 100, *c), "smaller than one batch")
-    # the chosen model is not the run's model
-    other = tmp_path / "other_model"
-    shutil.copytree(tiny_model_dir, other)
-    _one_line_error(_cli(runs[0], "--tokens", 64, "--batch-size", 2, "--model", other, *c), "was trained on model")
-    # hook that the model does not have
-    bad = save_sae(make_sae("baseline", 64, 16), tmp_path / "badhook", hook_name="blocks.7.hook_resid_post",
-                   model_name=str(tiny_model_dir), store=str(store))
-    _one_line_error(_cli(bad, "--tokens", 64, "--batch-size", 2, *c), "blocks.7.hook_resid_post", "does not exist")
-    # held-out text missing: the store's text files are gone (and no token cache holds their tokens)
-    monkeypatch.setenv("SAEFORGE_CACHE", str(tmp_path / "empty_cache"))
-    moved = store.parent / "text_moved"
-    shutil.move(store.parent / "text", moved)
-    try:
-        _one_line_error(_cli(runs[0], "--tokens", 64, "--batch-size", 2, *c), "held-out")
-    finally:
-        shutil.move(moved, store.parent / "text")
-    # not a run directory
-    _one_line_error(_cli(tmp_path, *c), "cfg.json")
+def test_per_window_sums_are_each_windows_ce(tiny_bridge):
+    """The (n_windows,) arrays hold each window's own CE sum and scored count, in window order."""
+    hook = "blocks.0.hook_resid_post"
+    batches = _batches(n=2, batch=3, seed=8)
+    batches[1][0][1, -4:] = 3  # pad targets in one window
+    res = evaluate_hooks(tiny_bridge, batches, {hook: [ReluSAE(64, 32, 0)]}, means={hook: torch.ones(64)},
+                         pad_id=3, strategy="shared_prefix")[hook]
+    a = res.ablation
+    assert a.n_scored_w.tolist() == [11, 11, 11, 11, 11 - 4, 11] and a.n_scored == 62
+    for got, mean in [(a.clean_w, a.clean), (a.zero_w, a.zero), (a.mean_w, a.mean), (res.saes[0].ce_w, res.saes[0].ce)]:
+        assert got.shape == (6,) and got.sum() / a.n_scored == pytest.approx(mean, rel=1e-12)
+    scored_ref = []
+    for tokens, _ in batches:
+        with torch.inference_mode():
+            logits = tiny_bridge(tokens)
+        scored = tokens[:, 1:] != 3
+        scored_ref += [M.next_token_ce_sum(logits[i:i + 1], tokens[i:i + 1], scored[i:i + 1]) for i in range(3)]
+    np.testing.assert_allclose(a.clean_w, scored_ref, rtol=1e-6)
+    assert len(set(a.clean_w.round(6))) == 6  # distinct windows: a permutation would show

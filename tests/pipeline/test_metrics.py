@@ -114,5 +114,8 @@ def test_feature_density_dead_dense_and_histogram():
     counts = np.array([0, 0, 1, 50, 500, 1000])
     d = M.feature_density(counts, n_rows=1000)
     assert d.n_dead == 2 and d.n_dense == 2 and d.frac_alive == pytest.approx(4 / 6)
-    assert sum(d.counts) == 4 and len(d.counts) == len(d.log10_edges) - 1
-    assert d.counts[-1] >= 1  # density 1.0 lands in the last bin
+    assert len(d.counts) == len(d.log10_edges) - 1 == 32
+    # densities 1e-3, 0.05, 0.5, 1.0 -> log10 -3 (a left edge), -1.30, -0.30, 0 (the last edge: last bin)
+    assert [i for i, c in enumerate(d.counts) if c] == [20, 26, 30, 31] and sum(d.counts) == 4
+    rare = M.feature_density(np.array([1, 0]), n_rows=10**9)  # density 1e-9: below the first edge, in bin 0
+    assert rare.counts[0] == 1 and sum(rare.counts) == 1 and rare.n_dead == 1 and rare.n_dense == 0

@@ -10,16 +10,21 @@ from saeforge.pipeline.cli import main
 from saeforge.pipeline.plots import PlotError, plot_sweep
 
 
-def _fake_eval(run_dir, arch, l0, lr, gamma):
+HOOK = "blocks.1.hook_resid_post"
+
+
+def _fake_eval(run_dir, arch, l0, lr, gamma, hook=HOOK, lam=None, ci=None):
     run_dir.mkdir(parents=True)
     edges = [-8 + 0.25 * i for i in range(33)]
     counts = [0] * 32
     counts[20] = 90
-    ev = {"architecture": arch, "hook": "blocks.1.hook_resid_post",
-          "metrics": {"l0": l0, "loss_recovered": lr, "gamma": gamma, "n_dense": 1, "kl": 0.1},
+    ev = {"architecture": arch, "hook": hook, "lm_dtype": "float32",
+          "metrics": {"l0": l0, "loss_recovered": lr, "gamma": gamma, "n_dense": 1, "kl": 0.1,
+                      "loss_recovered_ci95": ci, "delta_ce_ci95": [0.01, 0.02] if ci else None},
           "density_histogram": {"log10_edges": edges, "counts": counts, "n_dead": 6, "threshold": 0.1}}
     (run_dir / "eval.json").write_text(json.dumps(ev))
-    (run_dir / "cfg.json").write_text(json.dumps({"saeforge": {"sae": {"l1_coefficient": l0 / 1000}}}))
+    lam = l0 / 1000 if lam is None else lam
+    (run_dir / "cfg.json").write_text(json.dumps({"saeforge": {"sae": {"l1_coefficient": lam}}}))
 
 
 def _fake_sweep(root):
@@ -30,6 +35,23 @@ def _fake_sweep(root):
         _fake_eval(root / f"r{i}", arch, l0, lr, g)
     (root / "sweep.json").write_text(json.dumps({"runs": names + ["not_evaluated"], "store": "x"}))
     (root / "not_evaluated").mkdir()
+    return root
+
+
+MULTI = [  # (name, hook, arch, λ, L0, loss recovered, [lo, hi], γ); listed out of order on purpose
+    ("g2", "blocks.3.hook_mlp_out", "gated", 3e-3, 12.0, 0.90, [0.85, 0.93], 0.99),
+    ("b1", "blocks.1.hook_resid_post", "baseline", 6e-6, 30.0, 0.80, [0.75, 0.84], 0.90),
+    ("g1", "blocks.1.hook_resid_post", "gated", 1e-3, 50.0, 0.97, [0.96, 0.98], 1.00),
+    ("b2", "blocks.3.hook_mlp_out", "baseline", 2e-6, 90.0, 0.94, [0.92, 0.95], 0.93),
+    ("g0", "blocks.1.hook_resid_post", "gated", 3e-3, 15.0, 0.91, [0.89, 0.95], 1.01),
+    ("b0", "blocks.1.hook_resid_post", "baseline", 2e-6, 70.0, 0.93, [0.90, 0.95], 0.94),
+]
+
+
+def _multi_hook_sweep(root):
+    for name, hook, arch, lam, l0, lr, ci, g in MULTI:
+        _fake_eval(root / name, arch, l0, lr, g, hook=hook, lam=lam, ci=ci)
+    (root / "sweep.json").write_text(json.dumps({"runs": [m[0] for m in MULTI]}))
     return root
 
 
@@ -78,3 +100,50 @@ def test_cli_plot(tmp_path):
 def test_help(cmd):
     r = CliRunner().invoke(main, cmd)
     assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_multi_hook_sweep_table_sorted_by_hook_arch_lambda_with_intervals(tmp_path):
+    out = plot_sweep(_multi_hook_sweep(tmp_path / "sweep"))
+    assert out["hooks"] == ["blocks.1.hook_resid_post", "blocks.3.hook_mlp_out"]
+    rows = list(csv.DictReader(open(out["table"][0])))
+    assert [r["run"] for r in rows] == ["b0", "b1", "g1", "g0", "b2", "g2"]
+    assert [r["hook"] for r in rows] == ["blocks.1.hook_resid_post"] * 4 + ["blocks.3.hook_mlp_out"] * 2
+    assert rows[0]["loss recovered [95% CI]"] == "[0.9, 0.95]" and rows[0]["ΔCE [95% CI]"] == "[0.01, 0.02]"
+    md = open(out["table"][1]).read().splitlines()
+    assert md[0].startswith("| hook | run |") and "loss recovered [95% CI]" in md[0]
+    assert md[2].startswith("| blocks.1.hook_resid_post | b0 |") and "[0.9, 0.95]" in md[2]
+
+
+def test_pareto_has_one_panel_per_hook_with_interval_error_bars():
+    from saeforge.pipeline.plots import sweep_figure
+
+    rows = [{"run": n, "hook": h, "architecture": a, "l1_coefficient": lam, "l0": l0, "loss_recovered": lr,
+             "loss_recovered_ci95": ci, "gamma": g} for n, h, a, lam, l0, lr, ci, g in MULTI]
+    fig = sweep_figure(rows, "loss_recovered", "loss recovered", "Pareto", ci="loss_recovered_ci95")
+    assert [ax.get_title() for ax in fig.axes] == ["Pareto — blocks.1.hook_resid_post",
+                                                    "Pareto — blocks.3.hook_mlp_out"]
+    resid = fig.axes[0]
+    assert resid.get_xscale() == "log"
+    series = {c.get_label(): c for c in resid.containers}
+    assert sorted(series) == ["baseline", "gated"]
+    line, _, (bars,) = series["gated"].lines
+    assert list(line.get_xdata()) == [15.0, 50.0] and list(line.get_ydata()) == [0.91, 0.97]
+    segs = [[tuple(p) for p in seg] for seg in bars.get_segments()]
+    assert segs == [[(15.0, 0.89), (15.0, 0.95)], [(50.0, 0.96), (50.0, 0.98)]]
+    mlp = {c.get_label(): c.lines[0] for c in fig.axes[1].containers}
+    assert list(mlp["baseline"].get_xdata()) == [90.0] and list(mlp["gated"].get_ydata()) == [0.90]
+    gamma = sweep_figure(rows, "gamma", "γ", "Shrinkage")
+    assert len(gamma.axes) == 2 and [ln.get_label() for ln in gamma.axes[1].lines] == ["baseline", "gated"]
+
+
+def test_plots_do_not_touch_pyplot_or_the_backend():
+    import ast
+    import inspect
+
+    from saeforge.pipeline import plots
+
+    tree = ast.parse(inspect.getsource(plots))
+    names = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not any("pyplot" in n for n in names)
+    assert "matplotlib.use" not in inspect.getsource(plots)

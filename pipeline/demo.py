@@ -103,9 +103,10 @@ def sweep_saes(preset: Preset, scales: dict[str, float]) -> list:
     return saes
 
 
-def run_demo(out: str | Path, *, preset: str = "demo", dtype: str = "auto", device: str = "auto",
-             progress: bool = True) -> dict:
-    """Run (or continue, or confirm) the demo in `out`; returns what `demo.json` records."""
+def run_demo(out: str | Path, *, preset: str | Preset = "demo", dtype: str = "auto", device: str = "auto",
+             model: str = "smollm2-135m", dataset: str = "shakespeare", progress: bool = True) -> dict:
+    """Run (or continue, or confirm) the demo in `out`; returns what `demo.json` records. `preset` is a name in
+    `PRESETS` or a `Preset`; `model` and `dataset` take what `saeforge harvest` takes."""
     from saeforge.pipeline.eval_runs import EvalConfig, evaluate_runs
     from saeforge.pipeline.harvest import HarvestConfig, harvest
     from saeforge.pipeline.plots import plot_sweep
@@ -115,12 +116,12 @@ def run_demo(out: str | Path, *, preset: str = "demo", dtype: str = "auto", devi
     from saeforge.trainer.device import cpu_name, resolve_device, resolve_dtype
     from saeforge.trainer.run import train_from_store
 
-    p = PRESETS[preset]
+    p = PRESETS[preset] if isinstance(preset, str) else preset
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     compute = resolve_dtype(dtype, device)
     times = StageTimes()
-    hcfg = HarvestConfig(out=str(out / "store"), model="smollm2-135m", dataset="shakespeare", device=device,
+    hcfg = HarvestConfig(out=str(out / "store"), model=model, dataset=dataset, device=device,
                          lm_dtype=compute, layers=(p.layer,), sites=p.sites, context_size=p.context_size,
                          batch_size=p.harvest_batch, heldout_every=p.heldout_every, tokens=p.tokens)
     times.run("harvest", lambda: harvest(hcfg, progress=progress))
@@ -138,7 +139,8 @@ def run_demo(out: str | Path, *, preset: str = "demo", dtype: str = "auto", devi
     ecfg = EvalConfig(tokens=p.eval_tokens, batch_size=p.eval_batch, device=device, dtype=compute)
     times.run("eval", lambda: evaluate_runs(run_dirs, ecfg, progress=progress))
     plots = times.run("plots", lambda: plot_sweep(sweep_dir))
-    record = {"preset": preset, "config": asdict(p), "compute_dtype": compute,
+    record = {"preset": preset if isinstance(preset, str) else "custom", "model": model, "dataset": dataset,
+              "config": asdict(p), "compute_dtype": compute,
               "device": str(resolve_device(device)), "cpu": cpu_name(), "stage_seconds": times.seconds,
               "store": hcfg.out, "sweep": str(sweep_dir), "plots": plots}
     times.run("report", lambda: write_report(out, record))

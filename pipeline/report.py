@@ -113,7 +113,7 @@ def write_report(out: Path, record: dict) -> Path:
     worst = max((abs(v["loss_change"]) for v in conv.values() if v["loss_change"] is not None), default=None)
     ev = rows[0]["eval"]
     lines = [f"# saeforge demo (`{record['preset']}` preset)", "",
-             f"SmolLM2-135M-Instruct over Shakespeare; layer {record['config']['layer']}; Gated d_sae "
+             f"Model `{record['model']}` over `{record['dataset']}`; layer {record['config']['layer']}; Gated d_sae "
              f"{record['config']['d_sae']} vs baseline 1.5× wider (equal compute, arXiv 2404.16014 §4.1). "
              f"Machine: {record['cpu']} ({record['device']}), compute dtype {record['compute_dtype']}.", "",
              "Stage wall times (this invocation; a stage that found its output complete costs ~0 s): "

@@ -356,7 +356,9 @@ def evaluate_hooks(bridge, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
 
     means: per hook, the (d_in,) activation mean used for mean ablation (omitted: no mean ablation).
     known: per hook, cached ablation CEs; zero/mean-ablation forwards are skipped for those hooks (the clean
-    CE is still computed: KL needs the clean logits every batch). progress: a callable(n_tokens) or None.
+    CE is still computed: KL needs the clean logits every batch); their per-window arrays, when present, must
+    cover the same windows. progress: a callable(n_tokens) or None. Every CE comes back both as a mean over
+    scored predictions and as (n_windows,) per-window sums, windows in batch order.
     """
     means, known = means or {}, known or {}
     plans = [plan_splice(h, len(bridge.blocks)) for h in saes_by_hook]

@@ -136,7 +136,7 @@ def run_demo(out: str | Path, *, preset: str | Preset = "demo", dtype: str = "au
     sweep_dir = out / "sweep"
     times.run("sweep", lambda: train_from_store(hcfg.out, saes, train, sweep_dir, sweep=True, progress=progress))
     run_dirs = [sweep_dir / s.run_name for s in saes]
-    ecfg = EvalConfig(tokens=p.eval_tokens, batch_size=p.eval_batch, device=device, dtype=compute)
+    ecfg = EvalConfig(tokens=p.eval_tokens, batch_size=p.eval_batch, device=device)  # in the store's dtype
     times.run("eval", lambda: evaluate_runs(run_dirs, ecfg, progress=progress))
     plots = times.run("plots", lambda: plot_sweep(sweep_dir))
     record = {"preset": preset if isinstance(preset, str) else "custom", "model": model, "dataset": dataset,

@@ -31,6 +31,12 @@ def test_no_upward_or_lm_imports(package):
     assert not bad, "\n".join(bad)
 
 
+def test_only_pipeline_lm_imports_transformer_lens():
+    users = sorted(str(path.relative_to(ROOT)) for package in FORBIDDEN for path in (ROOT / package).rglob("*.py")
+                   if any(m == "transformer_lens" or m.startswith("transformer_lens.") for m in imported_modules(path)))
+    assert users == ["pipeline/lm.py"]
+
+
 def test_every_package_has_modules():
     for package in FORBIDDEN:
         assert (ROOT / package / "__init__.py").exists()

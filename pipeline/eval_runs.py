@@ -25,7 +25,9 @@ import torch
 from saeforge.pipeline import bootstrap as B
 from saeforge.pipeline import eval_files as F
 from saeforge.pipeline import metrics as M
-from saeforge.pipeline.evaluate import EvalError, HookResult, SpliceResult, Strategy, evaluate_hooks
+from saeforge.pipeline.errors import ConfigError, DatasetError, EvalError
+from saeforge.pipeline.evaluate import HookResult, SpliceResult, Strategy, evaluate_hooks
+from saeforge.pipeline.provenance import Provenance, TextProvenance
 from saeforge.trainer.device import DTYPE_CHOICES, resolve_device, resolve_dtype
 
 EVAL_FILE, EVAL_FORMAT = F.EVAL_FILE, F.EVAL_FORMAT
@@ -102,7 +104,7 @@ class EvalConfig:
         if not 0 < self.dense_threshold <= 1:
             problems.append(f"dense_threshold must be in (0, 1], got {self.dense_threshold}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError("; ".join(problems))
 
 
 def _load_runs(run_dirs):
@@ -121,8 +123,8 @@ def _load_runs(run_dirs):
     return runs
 
 
-def _n_batches(prov: dict, cfg: EvalConfig) -> int:
-    ctx = int(prov["context_size"])
+def _n_batches(text: TextProvenance, cfg: EvalConfig) -> int:
+    ctx = text.rules.context_size
     n_batches = cfg.tokens // (ctx * cfg.batch_size)
     if n_batches == 0:
         raise EvalError(f"--tokens {cfg.tokens} is smaller than one batch ({cfg.batch_size} windows x "
@@ -130,13 +132,12 @@ def _n_batches(prov: dict, cfg: EvalConfig) -> int:
     return n_batches
 
 
-def _eval_windows(prov: dict, tokenizer, cfg: EvalConfig, store_path: str) -> torch.Tensor:
-    from saeforge.pipeline.data import heldout_windows
-
-    ctx, n_batches = int(prov["context_size"]), _n_batches(prov, cfg)
+def _eval_windows(text: TextProvenance, tokenizer, cfg: EvalConfig, store_path: str) -> torch.Tensor:
+    """(windows, pos) int64: the first held-out windows of the store's text, in whole batches."""
+    ctx, n_batches = text.rules.context_size, _n_batches(text, cfg)
     try:
-        windows = list(islice(heldout_windows(prov, tokenizer), n_batches * cfg.batch_size))
-    except (OSError, ValueError, KeyError) as e:
+        windows = list(islice(text.heldout_windows(tokenizer), n_batches * cfg.batch_size))
+    except (OSError, DatasetError) as e:
         raise EvalError(f"held-out text of store {store_path} is unavailable ({e})") from None
     usable = len(windows) - len(windows) % cfg.batch_size
     if usable == 0:
@@ -148,12 +149,12 @@ def _eval_windows(prov: dict, tokenizer, cfg: EvalConfig, store_path: str) -> to
     return torch.as_tensor(np.stack(windows[:usable]), dtype=torch.long)
 
 
-def resolve_settings(cfg: EvalConfig, prov: dict, *, warn: bool = True) -> tuple[EvalConfig, str | None]:
-    """(cfg with `device` and `dtype` resolved, the store's harvest dtype or None when it records none).
+def resolve_settings(cfg: EvalConfig, store_dtype: str | None, *, warn: bool = True) -> tuple[EvalConfig, str | None]:
+    """(cfg with `device` and `dtype` resolved, `store_dtype`): `store_dtype` is the store's harvest dtype
+    (provenance `lm_dtype`), None when it records none.
 
     `warn`: let `resolve_dtype` print its warning line (bf16 on a CPU without native bf16).
     """
-    store_dtype = prov.get("lm_dtype")
     spec = (store_dtype or STORE_DTYPE_DEFAULT) if cfg.dtype == "store" else cfg.dtype
     device = resolve_device(cfg.device)
     return replace(cfg, device=str(device), dtype=resolve_dtype(spec, device, warn=warn)), store_dtype
@@ -215,38 +216,38 @@ def _cache_keys(lm, spec: str, cfg: EvalConfig, hooks, means, text_hash: str) ->
                 "mean_sha256": F.digest(means[h].numpy().tobytes())} for h in hooks}
 
 
-def _compute(store, runs, cfg: EvalConfig, spec: str, lms: dict, progress: bool, meta: dict) -> dict[str, dict]:
-    """Evaluate `runs` (all on `store`) with resolved settings `cfg`; write and return their eval.json records."""
+def _compute(store, prov: Provenance, runs, cfg: EvalConfig, spec: str, lms: dict, progress: bool,
+             meta: dict) -> dict[str, dict]:
+    """Evaluate `runs` (all on `store`, whose provenance is `prov`) with resolved settings `cfg`; write and return
+    their eval.json records."""
     from tqdm import tqdm
 
-    from saeforge.pipeline.data import kept_positions
     from saeforge.pipeline.lm import load_lm
 
-    prov = store.provenance
     if (spec, cfg.dtype, cfg.device) not in lms:
         lms[spec, cfg.dtype, cfg.device] = load_lm(spec, device=cfg.device, dtype=cfg.dtype)
     lm = lms[spec, cfg.dtype, cfg.device]
     _check_runs(runs, store, lm, spec)
-    tokens = _eval_windows(prov, lm.tokenizer, cfg, store.path)
-    kept = kept_positions(tokens, prov)
-    text_hash = F.digest(tokens.numpy().tobytes(), kept.numpy().tobytes())
+    windows_WP = _eval_windows(prov.text, lm.tokenizer, cfg, store.path)
+    kept_WP = prov.text.kept_positions(windows_WP)
+    text_hash = F.digest(windows_WP.numpy().tobytes(), kept_WP.numpy().tobytes())
     hooks = list(dict.fromkeys(info.hook_name for _, info in runs))
     means = {h: torch.as_tensor(store.stats(h).mean, dtype=torch.float32) for h in hooks}
     keys = _cache_keys(lm, spec, cfg, hooks, means, text_hash)
     paths = {h: F.cache_path(cfg.cache_dir, keys[h]) for h in hooks}
     known = {h: c for h in hooks if (c := F.read_cache(paths[h])) is not None}
     by_hook = {h: [sae.to(lm.device) for sae, info in runs if info.hook_name == h] for h in hooks}
-    batches = list(zip(tokens.split(cfg.batch_size), kept.split(cfg.batch_size)))
+    batches = list(zip(windows_WP.split(cfg.batch_size), kept_WP.split(cfg.batch_size)))
     t0 = time.perf_counter()
-    with tqdm(total=tokens.numel(), unit="tok", desc="eval", file=sys.stderr, disable=not progress) as bar:
+    with tqdm(total=windows_WP.numel(), unit="tok", desc="eval", file=sys.stderr, disable=not progress) as bar:
         results = evaluate_hooks(lm.bridge, batches, by_hook, means=means, known=known,
                                  strategy=cfg.strategy, progress=bar.update)
     for h in hooks:
         if h not in known:
             F.write_cache(paths[h], results[h].ablation, keys[h])
     meta = {"model": spec, "model_info": lm.info, **meta, "eval_seconds": time.perf_counter() - t0,
-            "tokens": {"n_windows": int(tokens.shape[0]), "context_size": int(tokens.shape[1]),
-                       "n_tokens": int(tokens.numel()), "sha256": text_hash},
+            "tokens": {"n_windows": int(windows_WP.shape[0]), "context_size": int(windows_WP.shape[1]),
+                       "n_tokens": int(windows_WP.numel()), "sha256": text_hash},
             "ablation_cache": {h: ("hit" if h in known else "computed") for h in hooks}}
     counters = {h: 0 for h in hooks}
     records = {}
@@ -265,11 +266,11 @@ def _evaluate_store(store_path: str, runs, cfg: EvalConfig, lms: dict, progress:
     from saeforge.stores import open_store
 
     store = open_store(store_path)
-    prov = store.provenance
-    spec = cfg.model or prov.get("model") or runs[0][1].model_name
-    _n_batches(prov, cfg)  # cheap checks fail before the model loads
+    prov = Provenance.from_json(store.provenance, where=f"store {store_path}")
+    spec = cfg.model or prov.model or runs[0][1].model_name
+    _n_batches(prov.text, cfg)  # cheap checks fail before the model loads
     _check_models(runs, spec)
-    settings, store_dtype = resolve_settings(cfg, prov, warn=False)
+    settings, store_dtype = resolve_settings(cfg, prov.lm_dtype, warn=False)
     identity = {str(info.run_dir): F.run_identity(asdict(settings), info.run_dir, store.attrs) for _, info in runs}
     current = {} if force else {d: rec for d, ident in identity.items()
                                 if (rec := F.read_current(Path(d), ident)) is not None}
@@ -279,10 +280,10 @@ def _evaluate_store(store_path: str, runs, cfg: EvalConfig, lms: dict, progress:
     stale = [(sae, info) for sae, info in runs if str(info.run_dir) not in current]
     if not stale:
         return current
-    settings, _ = resolve_settings(cfg, prov, warn=True)  # its warning line only when the LM will run
+    settings, _ = resolve_settings(cfg, prov.lm_dtype, warn=True)  # its warning line only when the LM will run
     meta = {"store": str(store_path), "lm_dtype": settings.dtype, "store_lm_dtype": store_dtype,
             "dtype_requested": cfg.dtype, "identity": identity}
-    return {**current, **_compute(store, stale, settings, spec, lms, progress, meta)}
+    return {**current, **_compute(store, prov, stale, settings, spec, lms, progress, meta)}
 
 
 def evaluate_runs(run_dirs: Iterable[str | Path], cfg: EvalConfig | None = None, *, progress: bool = True,

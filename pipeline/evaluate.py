@@ -41,16 +41,13 @@ import numpy as np
 import torch
 
 from saeforge.pipeline import metrics as M
+from saeforge.pipeline.errors import EvalError
 from saeforge.pipeline.lm import stop_layer
 
 Strategy = Literal["auto", "shared_prefix", "full"]
 _SITE_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _RESID_POST = {"hook_resid_post", "hook_out"}
 _RESID_PRE = {"hook_resid_pre", "hook_in"}
-
-
-class EvalError(ValueError):
-    """Evaluation cannot proceed: the message names the run, hook, model or budget and what to do."""
 
 
 class AblationCE(NamedTuple):
@@ -143,7 +140,7 @@ class _Engine:
         self.bridge, self.strategy = bridge, strategy
         self.n_layers = len(bridge.blocks)
 
-    def capture(self, tokens, names: list[str]):
+    def capture(self, token_ids, names: list[str]):
         """Clean activations at `names`; full clean logits too when running full forwards (else None)."""
         got: dict[str, torch.Tensor] = {}
 
@@ -155,11 +152,11 @@ class _Engine:
         hooks = [(n, grab(n)) for n in names]
         stop = stop_layer(names) or self.n_layers
         if self.strategy == "full" or stop >= self.n_layers:
-            return got, self.bridge.run_with_hooks(tokens, fwd_hooks=hooks)
-        self.bridge.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=stop)
+            return got, self.bridge.run_with_hooks(token_ids, fwd_hooks=hooks)
+        self.bridge.run_with_hooks(token_ids, fwd_hooks=hooks, stop_at_layer=stop)
         return got, None
 
-    def run(self, plan: _Plan, tokens, captured, replacement: torch.Tensor | None, *, full: bool = False):
+    def run(self, plan: _Plan, token_ids, captured, replacement: torch.Tensor | None, *, full: bool = False):
         """Logits with the hook's activation replaced by `replacement` (None: clean); `full`: no shared prefix."""
         site_shape = captured[plan.hook].shape
         hook_fn = None
@@ -168,7 +165,7 @@ class _Engine:
             hook_fn = lambda act, hook: rep  # noqa: E731
         if full or self.strategy == "full" or plan.resume is None:
             hooks = [(plan.hook, hook_fn)] if hook_fn else []
-            return self.bridge.run_with_hooks(tokens, fwd_hooks=hooks)
+            return self.bridge.run_with_hooks(token_ids, fwd_hooks=hooks)
         if plan.residual_splice:
             resid = captured[plan.hook] if replacement is None else rep
             hooks = []
@@ -184,16 +181,17 @@ def _module_dtype(module) -> torch.dtype:
     return p.dtype if p is not None else torch.float32
 
 
-def _replace(x, kept, values):
-    out = x.clone()
-    out[kept] = values.to(x.dtype)
-    return out
+def _replace(x_BPD, kept_BP, values_ND):
+    """``x_BPD`` with its kept positions set to ``values_ND`` (rows in row-major order, or a broadcastable value)."""
+    out_BPD = x_BPD.clone()
+    out_BPD[kept_BP] = values_ND.to(x_BPD.dtype)
+    return out_BPD
 
 
 def _site(captured, plan: _Plan) -> torch.Tensor:
     """The clean activation at the plan's hook as (batch, pos, d) (attention sites are flattened over heads)."""
     x = captured[plan.hook]
-    return x.reshape(*x.shape[:2], -1)
+    return x.reshape(*x.shape[:2], -1)  # attn.hook_z: (batch, pos, n_heads, d_head) -> (batch, pos, d)
 
 
 # ------------------------------------------------------------------ auto: is resuming exact on this model?
@@ -202,12 +200,12 @@ _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """bridge -> {plan: None (resuming agrees with a full forward) | why it does not}; once per process and model."""
 
 
-def _check_plan(engine: _Engine, plan: _Plan, tokens, kept, captured) -> str | None:
-    """Zero-ablation splice on these (one-window) tokens: resumed suffix vs a full forward with a hook."""
+def _check_plan(engine: _Engine, plan: _Plan, token_ids, kept, captured) -> str | None:
+    """Zero-ablation splice on these (one-window) token_ids: resumed suffix vs a full forward with a hook."""
     try:
         rep = _replace(_site(captured, plan), kept, torch.zeros(()))
-        full = engine.run(plan, tokens, captured, rep, full=True)
-        part = engine.run(plan, tokens, captured, rep)
+        full = engine.run(plan, token_ids, captured, rep, full=True)
+        part = engine.run(plan, token_ids, captured, rep)
         tol = 50 * torch.finfo(full.dtype).eps
         if not torch.allclose(part, full, rtol=tol, atol=tol * float(full.abs().max())):
             return f"resumed logits at {plan.hook} differ from a full forward by {float((part - full).abs().max()):.3g}"
@@ -216,7 +214,7 @@ def _check_plan(engine: _Engine, plan: _Plan, tokens, kept, captured) -> str | N
     return None
 
 
-def _self_check(engine: _Engine, plans: list[_Plan], tokens, kept, captured) -> str | None:
+def _self_check(engine: _Engine, plans: list[_Plan], token_ids, kept, captured) -> str | None:
     """Why the shared prefix cannot be used for some plan (None: it can); checks each plan once per model."""
     done = _VERIFIED.setdefault(engine.bridge, {})
     one = {name: act[:1] for name, act in captured.items()}
@@ -224,7 +222,7 @@ def _self_check(engine: _Engine, plans: list[_Plan], tokens, kept, captured) -> 
         if plan.resume is None:
             continue
         if plan not in done:
-            done[plan] = _check_plan(engine, plan, tokens[:1], kept[:1], one)
+            done[plan] = _check_plan(engine, plan, token_ids[:1], kept[:1], one)
         if done[plan] is not None:
             return done[plan]
     return None
@@ -236,10 +234,10 @@ def _self_check(engine: _Engine, plans: list[_Plan], tokens, kept, captured) -> 
 class _CleanRef(NamedTuple):
     """The clean next-token distribution of one batch, shared by every replacement at a hook."""
 
-    logp: torch.Tensor  # (rows, d_vocab) float32, rows = batch * (pos - 1)
+    logp: torch.Tensor  # (preds, d_vocab) float32, preds = batch * (pos - 1) next-token predictions
     p: torch.Tensor  # exp(logp)
-    target: torch.Tensor  # (rows,) next tokens
-    scored: torch.Tensor  # (rows,) bool
+    target: torch.Tensor  # (preds,) next token ids
+    scored: torch.Tensor  # (preds,) bool
     n_windows: int  # batch
 
 
@@ -252,9 +250,9 @@ def _next_logp(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), dim=-1)
 
 
-def _clean_ref(logits: torch.Tensor, tokens: torch.Tensor, scored: torch.Tensor) -> _CleanRef:
-    logp = _next_logp(logits)
-    return _CleanRef(logp, logp.exp(), tokens[:, 1:].reshape(-1), scored.reshape(-1), tokens.shape[0])
+def _clean_ref(logits_BPV: torch.Tensor, token_ids_BP: torch.Tensor, scored: torch.Tensor) -> _CleanRef:
+    logp = _next_logp(logits_BPV)
+    return _CleanRef(logp, logp.exp(), token_ids_BP[:, 1:].reshape(-1), scored.reshape(-1), token_ids_BP.shape[0])
 
 
 def _ce_sum(logp: torch.Tensor, ref: _CleanRef) -> torch.Tensor:
@@ -287,34 +285,34 @@ class _HookState:
         self.n_spliced = 0
 
 
-def _eval_hook_batch(engine: _Engine, st: _HookState, tokens, kept, scored, captured, full_clean) -> None:
+def _eval_hook_batch(engine: _Engine, st: _HookState, token_ids, kept, scored, captured, full_clean) -> None:
     plan = st.plan
-    x = _site(captured, plan)
+    x = _site(captured, plan)  # (batch, pos, d)
     if engine.strategy == "full" and full_clean is not None:
         clean = full_clean  # the capture pass was already the clean full forward
     else:
-        clean = engine.run(plan, tokens, captured, None)
-    ref = _clean_ref(clean, tokens, scored)
+        clean = engine.run(plan, token_ids, captured, None)
+    ref = _clean_ref(clean, token_ids, scored)
     del clean
     st.ce["clean"].append(_ce_sum(ref.logp, ref))
     if st.known is None:
-        zero = engine.run(plan, tokens, captured, _replace(x, kept, torch.zeros(())))
+        zero = engine.run(plan, token_ids, captured, _replace(x, kept, torch.zeros(())))
         st.ce["zero"].append(_ce_sum(_next_logp(zero), ref))
         del zero
         if st.mean is not None:
             mean = st.mean.to(x.device, x.dtype).expand(int(kept.sum()), -1)
-            ablated = engine.run(plan, tokens, captured, _replace(x, kept, mean))
+            ablated = engine.run(plan, token_ids, captured, _replace(x, kept, mean))
             st.ce["mean"].append(_ce_sum(_next_logp(ablated), ref))
             del ablated
-    x_kept = x[kept]
+    x_ND = x[kept]  # the kept positions, row-major
     for i, sae in enumerate(st.saes):
-        x_in = x_kept.to(_module_dtype(sae))
+        x_in = x_ND.to(_module_dtype(sae))
         f = sae.encode(x_in)
         x_hat = sae.decode(f)
         if st.recon[i] is None:
             st.recon[i] = M.ReconstructionAccumulator(x.shape[-1], f.shape[-1])
         st.recon[i].update(x_in, x_hat, f)
-        ce, kl = _ce_kl_sums(engine.run(plan, tokens, captured, _replace(x, kept, x_hat)), ref)
+        ce, kl = _ce_kl_sums(engine.run(plan, token_ids, captured, _replace(x, kept, x_hat)), ref)
         st.ce_sae[i].append(ce)
         st.kl_sae[i] += kl
     st.n_scored_w.append(scored.sum(1))
@@ -352,7 +350,7 @@ def _finish(st: _HookState, strategy: str) -> HookResult:
 def evaluate_hooks(bridge, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], saes_by_hook: dict[str, list],
                    *, means: dict[str, torch.Tensor] | None = None, known: dict[str, AblationCE] | None = None,
                    strategy: Strategy = "auto", pad_id: int | None = None, progress=None) -> dict[str, HookResult]:
-    """Evaluate every SAE in `saes_by_hook` on `batches` of (tokens (batch, pos), kept (batch, pos) bool).
+    """Evaluate every SAE in `saes_by_hook` on `batches` of (token_ids (batch, pos), kept (batch, pos) bool).
 
     means: per hook, the (d_in,) activation mean used for mean ablation (omitted: no mean ablation).
     known: per hook, cached ablation CEs; zero/mean-ablation forwards are skipped for those hooks (the clean
@@ -369,20 +367,20 @@ def evaluate_hooks(bridge, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     states = [_HookState(p, saes_by_hook[p.hook], means.get(p.hook), known.get(p.hook)) for p in plans]
     names = sorted({p.hook for p in plans} | {p.capture for p in plans if p.capture})
     checked = strategy != "auto"
-    for tokens, kept in batches:
-        tokens, kept = tokens.to(bridge.cfg.device), kept.to(bridge.cfg.device)
-        scored = tokens[:, 1:] != pad_id if pad_id is not None else torch.ones_like(tokens[:, 1:], dtype=torch.bool)
-        captured, full_clean = engine.capture(tokens, names)
+    for token_ids, kept in batches:
+        token_ids, kept = token_ids.to(bridge.cfg.device), kept.to(bridge.cfg.device)
+        scored = token_ids[:, 1:] != pad_id if pad_id is not None else torch.ones_like(token_ids[:, 1:], dtype=torch.bool)
+        captured, full_clean = engine.capture(token_ids, names)
         if not checked:
             checked = True
-            why = _self_check(engine, plans, tokens, kept, captured)
+            why = _self_check(engine, plans, token_ids, kept, captured)
             if why is not None:
                 print(f"saeforge eval: shared prefix unavailable ({why}); using one full forward per "
                       "replacement", file=sys.stderr)
                 engine.strategy = "full"
-                captured, full_clean = engine.capture(tokens, names)
+                captured, full_clean = engine.capture(token_ids, names)
         for st in states:
-            _eval_hook_batch(engine, st, tokens, kept, scored, captured, full_clean)
+            _eval_hook_batch(engine, st, token_ids, kept, scored, captured, full_clean)
         if progress is not None:
-            progress(tokens.numel())
+            progress(token_ids.numel())
     return {st.plan.hook: _finish(st, engine.strategy) for st in states}

@@ -9,27 +9,26 @@ the writer thread waits on the copy's event, never the main thread (that hand-of
 :mod:`saeforge.pipeline.sink`).
 
 The stream is deterministic (dataset order, tokenizer, context size, held-out rule), so resuming an
-interrupted store only needs ``StoreWriter.rows_staged``: the batches before it are regenerated from
-tokens alone and skipped without running the LM.
+interrupted store only needs ``StoreWriter.rows_staged``: the batches before it are regenerated from the
+text alone and skipped without running the LM (:mod:`saeforge.pipeline.batches`). ``HarvestConfig.tokens``
+is the number of rows to store per hook.
 """
 from __future__ import annotations
 
 import importlib.metadata
-import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Literal, NamedTuple
 
-import numpy as np
-import torch
-
-from saeforge.pipeline import data
+from saeforge.pipeline.batches import Batch, check_rows_available, window_batches
+from saeforge.pipeline.data import describe_dataset
+from saeforge.pipeline.errors import ConfigError, HarvestError
+from saeforge.pipeline.provenance import Provenance, TextProvenance
 from saeforge.pipeline.sink import AsyncSink, prefetch
+from saeforge.pipeline.windows import WindowRules
 
-
-class HarvestError(ValueError):
-    """A harvest that cannot run as asked (the message says what to change)."""
+__all__ = ["HarvestConfig", "HarvestError", "HarvestResult", "harvest", "harvest_provenance"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,41 +110,12 @@ class HarvestConfig:
         if not self.hooks and not (self.layers and self.sites):
             problems.append("no hooks: give hooks, or layers together with sites")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError("; ".join(problems))
 
     @property
-    def rules(self) -> data.WindowRules:
-        return data.WindowRules(context_size=self.context_size, prepend_bos=self.prepend_bos,
+    def rules(self) -> WindowRules:
+        return WindowRules(context_size=self.context_size, prepend_bos=self.prepend_bos,
                                 heldout_every=self.heldout_every)
-
-
-class Batch(NamedTuple):
-    """One forward pass worth of windows, with the rows it contributes, all prepared off the main thread."""
-
-    seq_idx: np.ndarray
-    """(batch,) window index in the packed stream."""
-    tokens: torch.Tensor
-    """(batch, pos) int64 (pinned when harvesting on CUDA)."""
-    rows: torch.Tensor
-    """(rows,) int64 flat (window * pos + position) indices of the rows appended (after budget and resume
-    trimming), row-major (pinned on CUDA)."""
-    token_ids: np.ndarray
-    """(rows,) token id of each appended row."""
-    row_seq: np.ndarray
-    """(rows,) window index of each appended row."""
-    row_pos: np.ndarray
-    """(rows,) position of each appended row."""
-    row_start: int
-    """Stream row index of this batch's first row."""
-    n_rows: int
-    """Rows this batch contributes to the stream (before resume trimming)."""
-
-    @property
-    def kept(self) -> torch.Tensor:
-        """(batch, pos) bool: the positions whose rows are appended."""
-        mask = torch.zeros(self.tokens.numel(), dtype=torch.bool)
-        mask[self.rows] = True
-        return mask.view(self.tokens.shape)
 
 
 class HarvestResult(NamedTuple):
@@ -174,91 +144,17 @@ class HarvestResult(NamedTuple):
         return {**self._asdict(), "tokens_per_s": round(self.tokens_per_s, 1)}
 
 
-def provenance(cfg: HarvestConfig, lm, hooks: list[str], record: dict) -> dict:
-    """What the store records about where its rows came from (Contract 3 keys)."""
+def harvest_provenance(cfg: HarvestConfig, lm, hooks: list[str], record: dict) -> Provenance:
+    """What the store records about where its rows came from (:mod:`saeforge.pipeline.provenance`)."""
     tok = lm.tokenizer
-    return {
-        "model": lm.name, "model_info": lm.info, "lm_dtype": cfg.lm_dtype, "hooks": list(hooks),
-        "tokenizer": {"class": type(tok).__name__, "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
-                      "eos_token_id": tok.eos_token_id, "name_or_path_of_model": lm.info.get("hf_name", lm.name)},
-        **data.text_provenance(record, tok, cfg.rules, cfg.special_token_rule),
-        "tokens": cfg.tokens, "seed": cfg.seed, "row_order": "window-major, then position; kept positions only",
-        "saeforge_version": importlib.metadata.version("saeforge"),
-    }
-
-
-def window_batches(prov: dict, tokenizer, batch_size: int, n_rows: int, skip: int = 0,
-                   pin: bool = False) -> Iterator[Batch]:
-    """Batches of training windows up to exactly ``n_rows`` kept rows (the last batch trimmed).
-
-    Batches whose rows all lie before ``skip`` (staged by an interrupted run) are not yielded; the one
-    straddling it is trimmed. Everything the main thread would otherwise compute per batch (kept
-    positions, flat row indices, the row metadata, pinned host tensors) is prepared here, so
-    :func:`prefetch` does it in the tokenizer thread.
-    """
-    rules = data.rules_from_provenance(prov)
-    row, pend_idx, pend_win = 0, np.zeros(0, dtype=np.int64), None
-    blocks = data.window_blocks(prov["dataset"], tokenizer, rules, block=max(256, 4 * batch_size))
-    for i0, wins in itertools.chain(blocks, [(None, None)]):
-        if wins is not None:
-            idx = np.arange(i0, i0 + len(wins), dtype=np.int64)
-            train = ~data.is_heldout(idx, rules)
-            idx, wins = idx[train], wins[train]
-            if len(pend_idx):
-                idx, wins = np.concatenate([pend_idx, idx]), np.concatenate([pend_win, wins])
-            stop = len(idx) - len(idx) % batch_size
-        elif pend_win is None:  # the stream was empty
-            break
-        else:  # the stream ended: the last partial batch
-            idx, wins, stop = pend_idx, pend_win, len(pend_idx)
-        for s in range(0, stop, batch_size):
-            b = _make_batch(idx[s:s + batch_size], wins[s:s + batch_size], prov, row, n_rows, skip, pin)
-            row += b.n_rows if b is not None else _rows_of(wins[s:s + batch_size], prov, n_rows - row)
-            if b is not None:
-                yield b
-            if row >= n_rows:
-                return
-        pend_idx, pend_win = idx[stop:], wins[stop:]
-    raise data.DatasetError(f"dataset {prov['dataset']['spec']!r} ran out after {row} rows; "
-                            f"{n_rows} were asked for (lower --tokens or add text)")
-
-
-def _kept(wins: np.ndarray, prov: dict) -> np.ndarray:
-    return data.kept_positions(torch.from_numpy(wins), prov).numpy()
-
-
-def _rows_of(wins: np.ndarray, prov: dict, limit: int) -> int:
-    return min(int(_kept(wins, prov).sum()), limit)
-
-
-def _make_batch(idx, wins, prov: dict, row: int, n_rows: int, skip: int, pin: bool) -> Batch | None:
-    """The Batch of windows ``wins`` whose first row is stream row ``row`` (None: all before ``skip``)."""
-    flat = _kept(wins, prov).reshape(-1)
-    n_total = int(flat.sum())
-    n = min(n_total, n_rows - row)
-    if row + n <= skip:
-        return None
-    if n < n_total or row < skip:
-        c = np.cumsum(flat)
-        flat &= (c <= n_rows - row) & (c > skip - row)
-    rows = np.flatnonzero(flat)
-    pos_len = wins.shape[1]
-    tokens, rows_t = torch.from_numpy(np.ascontiguousarray(wins)), torch.from_numpy(rows)
-    if pin:
-        tokens, rows_t = tokens.pin_memory(), rows_t.pin_memory()
-    return Batch(seq_idx=idx, tokens=tokens, rows=rows_t, token_ids=wins.reshape(-1)[rows],
-                 row_seq=idx[rows // pos_len], row_pos=rows % pos_len, row_start=row, n_rows=n)
-
-
-def check_rows_available(prov: dict, tokenizer, n_rows: int, batch_size: int) -> None:
-    """Fail before any LM work if a finite local dataset yields fewer than ``n_rows`` rows.
-
-    The windows come from the token cache, so this tokenises the needed text once (reused by the run).
-    """
-    if prov["dataset"]["kind"] == "hf":
-        return  # streamed: a shortfall is reported when the stream ends (the store stays incomplete)
-    for _ in window_batches(prov, tokenizer, batch_size, n_rows, skip=n_rows):
-        pass
+    return Provenance(
+        model=lm.name, model_info=lm.info, lm_dtype=cfg.lm_dtype, hooks=tuple(hooks),
+        tokenizer={"class": type(tok).__name__, "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
+                   "eos_token_id": tok.eos_token_id, "name_or_path_of_model": lm.info.get("hf_name", lm.name)},
+        text=TextProvenance.build(record, tok, cfg.rules, cfg.special_token_rule),
+        tokens=cfg.tokens, seed=cfg.seed, row_order="window-major, then position; kept positions only",
+        saeforge_version=importlib.metadata.version("saeforge"),
+    )
 
 
 def run_batches(lm, hooks: list[str], batches: Iterator[Batch], sink: AsyncSink, skip: int,
@@ -270,8 +166,8 @@ def run_batches(lm, hooks: list[str], batches: Iterator[Batch], sink: AsyncSink,
     for b in batches:
         if b.row_start + b.n_rows <= skip:
             continue  # staged by an earlier run (window_batches given ``skip`` never yields these)
-        acts = capture(lm, sink.to_device(b.tokens), hooks)
-        passes, forwarded = passes + 1, forwarded + b.tokens.numel()
+        acts = capture(lm, sink.to_device(b.windows), hooks)
+        passes, forwarded = passes + 1, forwarded + b.windows.numel()
         sink.put(acts, b)
         if on_batch is not None:
             on_batch(b)
@@ -294,24 +190,24 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     done = completed_result(cfg)
     if done is not None:
         return done
-    record = data.describe_dataset(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
+    record = describe_dataset(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
     lm = lm or load_lm(cfg.model, device=cfg.device, dtype=cfg.lm_dtype)
     hooks = resolve_hooks(lm, hooks=list(cfg.hooks), layers=list(cfg.layers), sites=list(cfg.sites))
     if cfg.context_size > lm.info["n_ctx"]:
         raise HarvestError(f"context size {cfg.context_size} exceeds the model's maximum {lm.info['n_ctx']}")
-    prov = provenance(cfg, lm, hooks, record)
+    prov = harvest_provenance(cfg, lm, hooks, record)
     check_resumable(cfg.out, prov)
-    check_rows_available(prov, lm.tokenizer, cfg.tokens, cfg.batch_size)
+    check_rows_available(prov.text, lm.tokenizer, cfg.tokens, cfg.batch_size)
     dims = hook_dims(lm, hooks)
     writer = StoreWriter(cfg.out, hooks=dims, dtype=cfg.store_dtype, seed=cfg.seed, expected_rows=cfg.tokens,
-                         provenance=prov, memory_limit_bytes=cfg.writer_memory_bytes, progress=progress)
+                         provenance=prov.to_json(), memory_limit_bytes=cfg.writer_memory_bytes, progress=progress)
     with writer as w:
         skip = w.rows_staged
         bar = _progress_bar(cfg.tokens, skip, progress)
         sink = AsyncSink(w, lm.device, cfg.store_dtype, cfg.queue_batches, bar)
         t1 = time.perf_counter()
         try:
-            batches = prefetch(window_batches(prov, lm.tokenizer, cfg.batch_size, cfg.tokens, skip=skip,
+            batches = prefetch(window_batches(prov.text, lm.tokenizer, cfg.batch_size, cfg.tokens, skip=skip,
                                               pin=sink.cuda), depth=4)
             passes, forwarded = run_batches(lm, hooks, batches, sink, skip, on_batch)
         finally:
@@ -389,7 +285,7 @@ def check_output(out: str) -> None:
         raise HarvestError(f"output {out} is not writable ({parent} is not a writable directory)")
 
 
-def check_resumable(out: str, prov: dict) -> None:
+def check_resumable(out: str, prov: Provenance) -> None:
     """An existing store at ``out`` must be an incomplete one with the same provenance (named if not)."""
     from saeforge.stores import StoreNotFound
     from saeforge.stores.reader import read_attrs
@@ -401,7 +297,7 @@ def check_resumable(out: str, prov: dict) -> None:
     if attrs.get("complete"):  # reached only when `completed_result` found no record of this harvest
         raise HarvestError(f"{out} is already a complete store ({attrs.get('n_rows')} rows) with no "
                            f"{HARVEST_FILE} to compare with; choose another --out")
-    old, new = _flatten(attrs.get("provenance") or {}), _flatten(json.loads(json.dumps(prov)))
+    old, new = _flatten(attrs.get("provenance") or {}), _flatten(json.loads(json.dumps(prov.to_json())))
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:
         detail = "; ".join(f"{k}: store has {old.get(k)!r}, this run has {new.get(k)!r}" for k in diff[:6])

@@ -30,6 +30,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from saeforge.pipeline.data import cache_dir
+from saeforge.pipeline.errors import HookError, ModelLoadError
 
 OFFLINE_MODELS = {
     "smollm2-135m": {
@@ -54,14 +55,6 @@ SITES = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
-
-
-class ModelLoadError(ValueError):
-    """The model spec names nothing loadable (unknown name, missing file, missing distribution)."""
-
-
-class HookError(ValueError):
-    """A requested hook does not exist on the model (the message lists the closest valid names)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -237,7 +230,7 @@ def resolve_hooks(lm: LoadedLM, hooks: list[str] | None = None, layers: list[int
                   sites: list[str] | None = None) -> list[str]:
     """Validated full hook names: ``hooks`` plus every ``blocks.{layer}.{site}`` of ``layers`` x ``sites``.
 
-    Raises HookError (a ValueError) naming every bad entry with the closest valid names.
+    Raises HookError naming every bad entry with the closest valid names.
     """
     valid = valid_hook_names(lm)
     n_layers = lm.info.get("n_layers", lm.bridge.cfg.n_layers)
@@ -270,9 +263,9 @@ def stop_layer(hooks: list[str]) -> int | None:
         return None  # a hook outside the blocks (hook_embed, ln_final...) needs the full pass
 
 
-def capture(lm: LoadedLM, tokens: torch.Tensor, hooks: list[str],
+def capture(lm: LoadedLM, token_ids: torch.Tensor, hooks: list[str],
             sink: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
-    """Run ONE forward pass over ``tokens`` (batch, pos), stopping after the deepest hook's block.
+    """Run ONE forward pass over ``token_ids`` (batch, pos), stopping after the deepest hook's block.
 
     Returns ``{hook: Tensor (batch, pos, d)}`` on the model's device, head dimensions flattened
     (``attn.hook_z``: (batch, pos, n_heads, d_head) -> (batch, pos, n_heads * d_head)). With ``sink``,
@@ -282,16 +275,16 @@ def capture(lm: LoadedLM, tokens: torch.Tensor, hooks: list[str],
 
     def grabber(name):  # bind the requested name: the bridge may fire an alias under another name
         def grab(act, hook):
-            act = act.detach().flatten(2)
+            acts_BPD = act.detach().flatten(2)  # attn.hook_z: (batch, pos, n_heads, d_head) -> (batch, pos, d)
             if sink is not None:
-                sink(name, act)
+                sink(name, acts_BPD)
             else:
-                out[name] = act
+                out[name] = acts_BPD
             return None
         return grab
 
     with torch.inference_mode():
-        lm.bridge.run_with_hooks(tokens.to(lm.device), fwd_hooks=[(h, grabber(h)) for h in hooks],
+        lm.bridge.run_with_hooks(token_ids.to(lm.device), fwd_hooks=[(h, grabber(h)) for h in hooks],
                                  return_type=None, stop_at_layer=stop_layer(hooks))
     missing = [h for h in hooks if h not in out] if sink is None else []
     if missing:

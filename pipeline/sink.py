@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 if TYPE_CHECKING:
-    from saeforge.pipeline.harvest import Batch
+    from saeforge.pipeline.batches import Batch
 
 
 class AsyncSink:
@@ -41,35 +41,36 @@ class AsyncSink:
         self.thread = threading.Thread(target=self._run, name="saeforge-writer", daemon=True)
         self.thread.start()
 
-    def to_device(self, tokens: torch.Tensor) -> torch.Tensor:
+    def to_device(self, windows: torch.Tensor) -> torch.Tensor:
+        """A batch's (batch, pos) token ids on the LM's device (through pinned memory on CUDA)."""
         if not self.cuda:
-            return tokens
-        return (tokens if tokens.is_pinned() else tokens.pin_memory()).to(self.device, non_blocking=True)
+            return windows
+        return (windows if windows.is_pinned() else windows.pin_memory()).to(self.device, non_blocking=True)
 
     def put(self, acts: dict[str, torch.Tensor], b: Batch) -> None:
         """Queue the kept rows of ``acts[hook]`` (batch, pos, d); blocks only when ``depth`` batches wait."""
         if self.error is not None:
             raise self.error
-        n = len(b.rows)
+        n = len(b.kept_idx)
         if n == 0:
             return
-        every = n == b.tokens.numel()  # rows are sorted: all of them means the identity
-        meta = {"token_ids": b.token_ids, "seq_idx": b.row_seq, "pos": b.row_pos}
+        every = n == b.windows.numel()  # kept_idx is ascending: all of them means the identity
+        meta = {"token_ids": b.row_token_ids, "seq_idx": b.row_seq, "pos": b.row_pos}
         if not self.cuda:
-            rows = {h: (a.flatten(0, 1) if every else a.flatten(0, 1).index_select(0, b.rows)).to(self.dtype)
-                    for h, a in acts.items()}
+            rows = {h: _kept_rows(acts_BPD, None if every else b.kept_idx).to(self.dtype)
+                    for h, acts_BPD in acts.items()}
             self.queue.put((None, None, rows, meta, n))
             return
-        idx_dev = None if every else b.rows.to(self.device, non_blocking=True)
+        idx_dev = None if every else b.kept_idx.to(self.device, non_blocking=True)
         slot = self.free.get()
         bufs = self.slots[slot]
-        for h, a in acts.items():
-            sel = (a.flatten(0, 1) if every else a.flatten(0, 1).index_select(0, idx_dev)).to(self.dtype)
+        for h, acts_BPD in acts.items():
+            rows_ND = _kept_rows(acts_BPD, idx_dev).to(self.dtype)
             buf = bufs.get(h)
-            if buf is None or buf.shape[0] < n or buf.shape[1:] != sel.shape[1:]:
-                buf = bufs[h] = torch.empty((b.tokens.numel(), *sel.shape[1:]), dtype=self.dtype,
+            if buf is None or buf.shape[0] < n or buf.shape[1:] != rows_ND.shape[1:]:
+                buf = bufs[h] = torch.empty((b.windows.numel(), *rows_ND.shape[1:]), dtype=self.dtype,
                                             pin_memory=True)
-            buf[:n].copy_(sel, non_blocking=True)
+            buf[:n].copy_(rows_ND, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self.queue.put((event, slot, {h: bufs[h][:n] for h in acts}, meta, n))
@@ -100,6 +101,12 @@ class AsyncSink:
         self.thread.join()
         if self.error is not None:
             raise self.error
+
+
+def _kept_rows(acts_BPD: torch.Tensor, kept_idx: torch.Tensor | None) -> torch.Tensor:
+    """(rows, d): the rows at ``kept_idx`` of the flattened (batch·pos) positions (None: every position, a view)."""
+    acts_ND = acts_BPD.flatten(0, 1)
+    return acts_ND if kept_idx is None else acts_ND.index_select(0, kept_idx)
 
 
 def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:

@@ -191,8 +191,9 @@ def main(argv=None):
     ap.add_argument("--no-full", action="store_true")
     args = ap.parse_args(argv)
 
-    from saeforge.pipeline import data
-    from saeforge.pipeline.harvest import HarvestConfig, window_batches, provenance
+    from saeforge.pipeline.batches import window_batches
+    from saeforge.pipeline.data import describe_dataset
+    from saeforge.pipeline.harvest import HarvestConfig, harvest_provenance
     from saeforge.pipeline.lm import load_lm, resolve_device
 
     device = resolve_device(args.device)
@@ -220,10 +221,9 @@ def main(argv=None):
         cfg = HarvestConfig(out="", model=lm.name, device=device, lm_dtype=dtype, layers=(args.layer,),
                             sites=("resid_post",), dataset=dataset, context_size=args.context_size,
                             batch_size=args.batch_size, store_dtype="bfloat16", queue_batches=4)
-        prov = provenance(cfg, lm, [f"blocks.{args.layer}.hook_resid_post"],
-                          data.describe_dataset(dataset))
-        stream = list(zip(range(args.batches), window_batches(prov, lm.tokenizer, args.batch_size, 10**12)))
-        batches = [b.tokens for _, b in stream]
+        prov = harvest_provenance(cfg, lm, [f"blocks.{args.layer}.hook_resid_post"], describe_dataset(dataset))
+        stream = list(zip(range(args.batches), window_batches(prov.text, lm.tokenizer, args.batch_size, 10**12)))
+        batches = [b.windows for _, b in stream]
         cfg = replace(cfg, tokens=sum(int(b.kept.sum()) for _, b in stream))
         results[dtype] = measure(lm, cfg, batches, args.layer, tmp, args.repeats, gpu,
                                  with_full=not args.no_full and dtype == "float32", dtype=dtype)

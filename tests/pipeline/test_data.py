@@ -1,13 +1,16 @@
-"""pipeline.data: sources, packing, the held-out split and the kept-position rule."""
+"""pipeline.data, .tokenization, .windows: sources, tokenisation, packing, the held-out split and the kept-position
+rule of a store's text provenance."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from saeforge.pipeline.data import (DatasetError, WindowRules, all_windows, describe_dataset, heldout_windows,
-                                    iter_documents, kept_positions, pack_windows, text_provenance, train_windows)
-from saeforge.pipeline.tokens import token_stream
+from saeforge.pipeline.data import DatasetError, describe_dataset, iter_documents
+from saeforge.pipeline.provenance import TextProvenance
+from saeforge.pipeline.tokenization import token_stream
+from saeforge.pipeline.windows import WindowRules, all_windows, pack_windows, train_windows
 
 WORDS = "to be or not that is the question whether tis nobler in mind suffer slings and arrows".split()
 _rng = np.random.default_rng(0)
@@ -79,8 +82,8 @@ def test_heldout_windows_are_disjoint_from_train_windows_and_regenerate_from_pro
     rec = describe_dataset(str(corpus))
     everything = list(all_windows(rec, tok, rules))
     train = list(train_windows(rec, tok, rules))
-    prov = json.loads(json.dumps(text_provenance(rec, tok, rules)))  # as stored: plain JSON
-    held = list(heldout_windows(prov, tok))
+    prov = json.loads(json.dumps(TextProvenance.build(rec, tok, rules).to_json()))  # as stored: plain JSON
+    held = list(TextProvenance.from_json(prov).heldout_windows(tok))
     assert len(everything) >= 20 and len(held) == len(everything) // 4
     assert {i for i, _ in train}.isdisjoint(i for i, _ in everything if i % 4 == 3)
     assert len(train) + len(held) == len(everything)
@@ -91,11 +94,11 @@ def test_heldout_windows_are_disjoint_from_train_windows_and_regenerate_from_pro
 
 
 def test_kept_positions_excludes_special_tokens_by_default(tok):
-    prov = text_provenance(describe_dataset("x/y"), tok, WindowRules(context_size=4))
-    assert prov["special_token_rule"] == "exclude" and tok.bos_token_id in prov["special_token_ids"]
-    tokens = torch.tensor([[tok.bos_token_id, 40, tok.eos_token_id, 41]])
-    assert kept_positions(tokens, prov).tolist() == [[False, True, False, True]]
-    assert kept_positions(tokens, {**prov, "special_token_rule": "keep"}).all()
+    text = TextProvenance.build(describe_dataset("x/y"), tok, WindowRules(context_size=4))
+    assert text.special_token_rule == "exclude" and tok.bos_token_id in text.special_token_ids
+    token_ids = torch.tensor([[tok.bos_token_id, 40, tok.eos_token_id, 41]])
+    assert text.kept_positions(token_ids).tolist() == [[False, True, False, True]]
+    assert replace(text, special_token_rule="keep").kept_positions(token_ids).all()
 
 
 def test_window_rules_validate_all_fields():
@@ -104,7 +107,7 @@ def test_window_rules_validate_all_fields():
 
 
 def test_long_documents_are_split_at_line_boundaries_without_changing_the_ids(tok):
-    from saeforge.pipeline.tokens import can_split, split_document
+    from saeforge.pipeline.tokenization import can_split, split_document
 
     rng = np.random.default_rng(1)
     text = "\n".join(" ".join(rng.choice(WORDS, 30)) + rng.choice(["", ".", "  ", "\n", "\n\n  x"])
@@ -120,7 +123,7 @@ def test_long_documents_are_split_at_line_boundaries_without_changing_the_ids(to
 
 
 def test_token_cache_tokenises_once_and_gives_the_streamed_windows(corpus, tok, tmp_path, monkeypatch):
-    from saeforge.pipeline import tokens
+    from saeforge.pipeline import tokenization
 
     monkeypatch.setenv("SAEFORGE_CACHE", str(tmp_path / "cache"))
     rules = WindowRules(context_size=16, heldout_every=4)
@@ -133,21 +136,21 @@ def test_token_cache_tokenises_once_and_gives_the_streamed_windows(corpus, tok, 
     assert stream.dtype == np.int32
     assert stream.tolist() == np.concatenate(list(token_stream(iter_documents(rec), tok))).tolist()
     calls = []
-    monkeypatch.setattr(tokens, "token_stream", lambda *a: calls.append(a) or iter(()))
-    again = list(heldout_windows(json.loads(json.dumps(text_provenance(rec, tok, rules))), tok))
+    monkeypatch.setattr(tokenization, "token_stream", lambda *a: calls.append(a) or iter(()))
+    again = list(TextProvenance.build(rec, tok, rules).heldout_windows(tok))
     assert not calls and len(again) == len(cached) // 4  # read from the cache, not re-tokenised
 
 
 def test_token_cache_grows_on_demand(tmp_path, tok, monkeypatch):
-    from saeforge.pipeline import tokens
+    from saeforge.pipeline import tokenization
 
     monkeypatch.setenv("SAEFORGE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(tokens, "MIN_EXTEND_TOKENS", 50)
+    monkeypatch.setattr(tokenization, "MIN_EXTEND_TOKENS", 50)
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in LINES))
     rec = describe_dataset(str(tmp_path / "d.jsonl"))
-    cache = tokens.TokenCache.open(rec, tok)
+    cache = tokenization.TokenCache.open(rec, tok)
     assert cache.ensure(60) and not cache.complete and 0 < cache.n_docs < len(LINES)
     assert not cache.ensure(10**9) and cache.complete and cache.n_docs == len(LINES)
     assert len(list((tmp_path / "cache" / "tokens").glob("*.npy"))) == 1  # the partial file was replaced
     full = np.concatenate(list(token_stream(iter(LINES), tok)))
-    assert np.array_equal(tokens.TokenCache.open(rec, tok).tokens, full)
+    assert np.array_equal(tokenization.TokenCache.open(rec, tok).ids, full)

@@ -38,26 +38,29 @@ def _random_text(directory, seed=0, n_docs=6, n_words=400):
 def build_store(root, model_dir, *, context_size=16, heldout_every=4, lm_dtype="float32", name="store"):
     """A real store of the tiny Llama's activations at HOOKS, built the way harvest does (train windows only);
     `lm_dtype` is what its provenance records as the harvest dtype."""
-    from saeforge.pipeline import data
+    from saeforge.pipeline.data import describe_dataset
     from saeforge.pipeline.lm import capture, load_lm
+    from saeforge.pipeline.provenance import Provenance, TextProvenance
+    from saeforge.pipeline.windows import WindowRules, train_windows
     from saeforge.stores import StoreWriter
 
     lm = load_lm(str(model_dir), device="cpu")
-    rules = data.WindowRules(context_size=context_size, heldout_every=heldout_every)
-    record = data.describe_dataset(str(_random_text(root / "text")))
-    prov = {"model": str(model_dir), "model_info": lm.info, "hooks": HOOKS, "seed": 0, "lm_dtype": lm_dtype,
-            **data.text_provenance(record, lm.tokenizer, rules)}
-    windows = list(data.train_windows(record, lm.tokenizer, rules))
+    rules = WindowRules(context_size=context_size, heldout_every=heldout_every)
+    record = describe_dataset(str(_random_text(root / "text")))
+    text = TextProvenance.build(record, lm.tokenizer, rules)
+    prov = Provenance(model=str(model_dir), model_info=lm.info, hooks=tuple(HOOKS), seed=0, lm_dtype=lm_dtype,
+                      text=text)
+    windows = list(train_windows(record, lm.tokenizer, rules))
     idx = torch.tensor([i for i, _ in windows])
-    tokens = torch.as_tensor(np.stack([w for _, w in windows]))
-    kept = data.kept_positions(tokens, prov)
-    acts = capture(lm, tokens, HOOKS)
+    token_ids = torch.as_tensor(np.stack([w for _, w in windows]))
+    kept = text.kept_positions(token_ids)
+    acts = capture(lm, token_ids, HOOKS)
     path = root / name
     with StoreWriter(str(path), hooks={h: int(acts[h].shape[-1]) for h in HOOKS}, dtype="float32",
-                     provenance=prov) as w:
-        pos = torch.arange(context_size).expand_as(tokens)
-        w.append({h: acts[h][kept] for h in HOOKS}, token_ids=tokens[kept],
-                 seq_idx=idx[:, None].expand_as(tokens)[kept], pos=pos[kept])
+                     provenance=prov.to_json()) as w:
+        pos = torch.arange(context_size).expand_as(token_ids)
+        w.append({h: acts[h][kept] for h in HOOKS}, token_ids=token_ids[kept],
+                 seq_idx=idx[:, None].expand_as(token_ids)[kept], pos=pos[kept])
     return path, lm
 
 
@@ -107,12 +110,12 @@ def _copy_runs(runs, dest):
 
 
 def _eval_tokens(store, lm, n_windows=TOKENS // 16):
-    from saeforge.pipeline.data import heldout_windows, kept_positions
+    from saeforge.pipeline.provenance import Provenance
     from saeforge.stores import open_store
 
-    prov = open_store(str(store)).provenance
-    tokens = torch.as_tensor(np.stack(list(islice(heldout_windows(prov, lm.tokenizer), n_windows))))
-    return tokens, kept_positions(tokens, prov)
+    text = Provenance.from_json(open_store(str(store)).provenance).text
+    token_ids = torch.as_tensor(np.stack(list(islice(text.heldout_windows(lm.tokenizer), n_windows))))
+    return token_ids, text.kept_positions(token_ids)
 
 
 def _spliced(bridge, tokens, kept, hook, fn=None):
@@ -210,19 +213,20 @@ def test_eval_json_matches_direct_computation(store_runs, direct, tmp_path):
 
 
 def test_eval_tokens_disjoint_from_store_tokens(store_runs):
-    from saeforge.pipeline.data import heldout_windows, kept_positions
+    from saeforge.pipeline.provenance import Provenance
     from saeforge.stores import open_store
 
     s = open_store(str(store_runs.store))
+    text = Provenance.from_json(s.provenance).text
     seq, pos, tok = s.seq_idx(0, s.n_rows), s.pos(0, s.n_rows), s.token_ids(0, s.n_rows)
     stored: dict[int, dict[int, int]] = {}
     for q, p, t in zip(seq.tolist(), pos.tolist(), tok.tolist()):
         stored.setdefault(q, {})[p] = t
     stored_windows = {tuple(v[p] for p in sorted(v)) for v in stored.values()}
-    held = list(islice(heldout_windows(s.provenance, store_runs.lm.tokenizer), 50))
+    held = list(islice(text.heldout_windows(store_runs.lm.tokenizer), 50))
     assert len(held) >= 4
     for w in held:
-        kept = kept_positions(torch.as_tensor(w)[None], s.provenance)[0]
+        kept = text.kept_positions(torch.as_tensor(w)[None])[0]
         assert tuple(torch.as_tensor(w)[kept].tolist()) not in stored_windows
 
 
@@ -234,14 +238,13 @@ def test_dtype_resolution(monkeypatch, capsys):
     from saeforge.trainer import device
 
     cfg = EvalConfig(device="cpu")
-    assert resolve_settings(cfg, {"lm_dtype": "bfloat16"}, warn=False) == (
-        EvalConfig(device="cpu", dtype="bfloat16"), "bfloat16")
-    assert resolve_settings(cfg, {}, warn=False) == (EvalConfig(device="cpu", dtype="float32"), None)
-    assert resolve_settings(replace(cfg, dtype="float16"), {"lm_dtype": "bfloat16"}, warn=False)[0].dtype == "float16"
+    assert resolve_settings(cfg, "bfloat16", warn=False) == (EvalConfig(device="cpu", dtype="bfloat16"), "bfloat16")
+    assert resolve_settings(cfg, None, warn=False) == (EvalConfig(device="cpu", dtype="float32"), None)
+    assert resolve_settings(replace(cfg, dtype="float16"), "bfloat16", warn=False)[0].dtype == "float16"
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
-    assert resolve_settings(replace(cfg, dtype="auto"), {"lm_dtype": "bfloat16"})[0].dtype == "float32"
+    assert resolve_settings(replace(cfg, dtype="auto"), "bfloat16")[0].dtype == "float32"
     capsys.readouterr()
-    resolve_settings(cfg, {"lm_dtype": "bfloat16"}, warn=True)  # bf16 from the store on a CPU without it
+    resolve_settings(cfg, "bfloat16", warn=True)  # bf16 from the store on a CPU without it
     assert "warning: bfloat16" in capsys.readouterr().err
     with pytest.raises(ValueError, match="dtype must be"):
         EvalConfig(dtype="fp8")

@@ -14,10 +14,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from saeforge.pipeline import data
+from saeforge.pipeline import windows
 from saeforge.pipeline.cli import main
 from saeforge.pipeline.harvest import HarvestConfig, HarvestError, harvest
 from saeforge.pipeline.lm import load_lm
+from saeforge.pipeline.provenance import Provenance
 from saeforge.stores import StoreIncomplete, open_store
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.attn.hook_z")
@@ -56,14 +57,14 @@ def test_stored_rows_equal_run_with_cache_exactly_and_skip_special_tokens(cfg, l
     result = harvest(cfg, lm=lm, progress=False)
     s, acts, seq, pos, tok = stored(cfg.out)
     assert s.n_rows == result.rows == 600 and sorted(s.hooks) == sorted(HOOKS)
-    windows = dict(data.all_windows(s.provenance["dataset"], lm.tokenizer, cfg.rules))
+    by_index = dict(windows.all_windows(s.provenance["dataset"], lm.tokenizer, cfg.rules))
     assert (pos > 0).all()  # BOS rows are not stored
     assert not np.isin(tok, s.provenance["special_token_ids"]).any()
     for i in np.unique(seq):
-        w = torch.from_numpy(windows[i])[None]
+        w = torch.from_numpy(by_index[i])[None]
         _, cache = lm.bridge.run_with_cache(w, names_filter=list(HOOKS))
         rows = np.flatnonzero(seq == i)
-        assert np.array_equal(tok[rows], windows[i][pos[rows]])
+        assert np.array_equal(tok[rows], by_index[i][pos[rows]])
         for h in HOOKS:
             assert np.array_equal(acts[h][rows], cache[h][0].flatten(1).numpy()[pos[rows]]), (h, i)
 
@@ -86,7 +87,7 @@ def test_all_hooks_come_from_one_forward_pass_per_batch_that_stops_early(cfg, lm
 def test_heldout_windows_never_reach_the_store(cfg, lm):
     harvest(replace(cfg, tokens=1500), lm=lm, progress=False)
     s, _, seq, pos, tok = stored(cfg.out)
-    held = list(data.heldout_windows(s.provenance, lm.tokenizer))
+    held = list(Provenance.from_json(s.provenance).text.heldout_windows(lm.tokenizer))
     assert held and not np.isin(seq, [i for i in np.unique(seq) if i % 5 == 4]).any()
     stored_runs = {tuple(tok[seq == i][:8]) for i in np.unique(seq)}
     assert not any(tuple(h[1:9]) in stored_runs for h in held)
@@ -228,7 +229,7 @@ def test_smollm2_three_sites_on_shakespeare(tmp_path):
     assert s.n_rows == 3000 and {s.d(h) for h in s.hooks} == {576}
     assert s.provenance["model_info"]["n_layers"] == 30 and s.provenance["dataset"]["kind"] == "shakespeare"
     assert result.forward_passes == 3  # 8 windows x 127 rows per pass
-    first = next(data.heldout_windows(s.provenance, lm.tokenizer))
+    first = next(Provenance.from_json(s.provenance).text.heldout_windows(lm.tokenizer))
     assert first[0] == lm.tokenizer.bos_token_id and len(first) == 128
     for h in s.hooks:
         assert 0 < s.stats(h).mean_norm < 1e4

@@ -4,7 +4,8 @@ Each document is tokenised without special tokens and followed by the tokenizer'
 separator); a long document is tokenised as pieces cut at line boundaries where that leaves the ids
 unchanged (:func:`split_document`, :func:`can_split`), in batches, so a fast tokenizer works in parallel
 even on a one-file corpus. :class:`TokenCache` keeps the concatenated stream of a finite dataset on disk,
-so it is tokenised once; :mod:`saeforge.pipeline.data` cuts windows from it.
+so it is tokenised once; :mod:`saeforge.pipeline.windows` cuts windows from it. Documents come from
+:mod:`saeforge.pipeline.data` (this module imports it, never the other way round).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from saeforge.pipeline.data import cache_dir, iter_documents
 
 TOKENIZE_BATCH = 64
 """Documents (or pieces of a long one) tokenised per call: fast tokenizers parallelise over them..."""
@@ -131,11 +134,9 @@ class TokenCache:
     """
 
     def __init__(self, record: dict, tokenizer, key: str):
-        from saeforge.pipeline.data import cache_dir  # imported on use: data.py imports this module
-
         self.record, self.tokenizer, self.key = record, tokenizer, key
         self.dir = cache_dir() / "tokens"
-        self.tokens: np.ndarray = np.zeros(0, dtype=np.int32)
+        self.ids: np.ndarray = np.zeros(0, dtype=np.int32)  # (n,) int32 token ids, memory-mapped from disk
         self.n_docs, self.complete = 0, False
         self._load()
 
@@ -160,19 +161,17 @@ class TokenCache:
         files = self._files()
         if files:
             self.n_docs, self.complete, path = files[-1]
-            self.tokens = np.load(path, mmap_mode="r")
+            self.ids = np.load(path, mmap_mode="r")
 
-    def ensure(self, n_tokens: int) -> bool:
-        """Grow the cache until it holds ``n_tokens`` tokens or the whole dataset; True when it has them."""
-        while len(self.tokens) < n_tokens and not self.complete:
+    def ensure(self, n_ids: int) -> bool:
+        """Grow the cache until it holds ``n_ids`` token ids or the whole dataset; True when it has them."""
+        while len(self.ids) < n_ids and not self.complete:
             self._load()  # another process may have grown it meanwhile
-            if len(self.tokens) < n_tokens and not self.complete:
-                self._extend(max(n_tokens - len(self.tokens), len(self.tokens), MIN_EXTEND_TOKENS))
-        return len(self.tokens) >= n_tokens
+            if len(self.ids) < n_ids and not self.complete:
+                self._extend(max(n_ids - len(self.ids), len(self.ids), MIN_EXTEND_TOKENS))
+        return len(self.ids) >= n_ids
 
     def _extend(self, want: int) -> None:
-        from saeforge.pipeline.data import iter_documents  # imported on use: data.py imports this module
-
         docs = (d for d in iter_documents(self.record) if d)  # token_stream skips empty documents too
         for _ in itertools.islice(docs, self.n_docs):
             pass  # already cached: read past, not tokenised
@@ -186,9 +185,9 @@ class TokenCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"{self.key}.{n_docs}.{'full' if complete else 'part'}.npy"
         tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(len(self.tokens) + got,))
-        out[:len(self.tokens)] = self.tokens
-        pos = len(self.tokens)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(len(self.ids) + got,))
+        out[:len(self.ids)] = self.ids
+        pos = len(self.ids)
         for ids in new:
             out[pos:pos + len(ids)] = ids
             pos += len(ids)
@@ -198,4 +197,4 @@ class TokenCache:
         for _, _, old in self._files():
             if old != final:
                 old.unlink(missing_ok=True)
-        self.tokens, self.n_docs, self.complete = np.load(final, mmap_mode="r"), n_docs, complete
+        self.ids, self.n_docs, self.complete = np.load(final, mmap_mode="r"), n_docs, complete

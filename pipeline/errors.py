@@ -1,0 +1,44 @@
+"""The pipeline's errors. Messages name the path, hook, model or budget involved and what to change.
+
+Everything ``saeforge.pipeline`` raises on purpose derives from :class:`PipelineError`, one subclass per kind
+of bad input. A command line catches ``(StoreError, TrainerError, PipelineError)`` and prints the message's
+first line; anything else is a bug and keeps its traceback. Store errors met while reading or writing a store
+stay ``saeforge.stores.errors.StoreError``s, run-directory errors ``saeforge.trainer.errors.TrainerError``s.
+
+Only :class:`ConfigError` is also a ``ValueError``: it is what a config dataclass's ``__post_init__`` raises
+(the convention of ``trainer/config.py``), and callers that validate settings catch ``ValueError``.
+"""
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class of saeforge.pipeline's errors."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """Settings that cannot work together (``HarvestConfig``, ``EvalConfig``, ``WindowRules``); the message
+    names every bad field."""
+
+
+class DatasetError(PipelineError):
+    """A text source that cannot be read, is empty, or is too short for the request."""
+
+
+class ModelLoadError(PipelineError):
+    """The model spec names nothing loadable (unknown name, missing file, missing distribution)."""
+
+
+class HookError(PipelineError):
+    """A requested hook does not exist on the model (the message lists the closest valid names)."""
+
+
+class HarvestError(PipelineError):
+    """A harvest that cannot run as asked: output not writable, context too long, another harvest's store."""
+
+
+class EvalError(PipelineError):
+    """Evaluation cannot proceed: the message names the run, hook, model or budget and what to do."""
+
+
+class ProvenanceError(PipelineError):
+    """A store or run records no (or an unreadable) provenance, so its text cannot be regenerated."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saeforge.pipeline.evaluate import AblationCE
+from saeforge.pipeline.splice import AblationCE
 from saeforge.trainer.io import WEIGHTS_FILE, write_atomic
 
 EVAL_FILE = "eval.json"

@@ -1,6 +1,6 @@
 """Evaluate SAE run directories on their training store's held-out text and write `eval.json` into each.
 
-The splicing itself is `saeforge.pipeline.evaluate.evaluate_hooks`; this module finds the store, the LM and
+The splicing itself is `saeforge.pipeline.splice.evaluate_hooks`; this module finds the store, the LM and
 the held-out windows, reuses the cached clean/ablation cross-entropies (they depend only on model, hook and
 text), adds paired bootstrap intervals over windows (`saeforge.pipeline.bootstrap`), and turns the engine's
 results into the eval.json records that `saeforge plot` reads. A run whose eval.json is current (same
@@ -26,7 +26,7 @@ from saeforge.pipeline import bootstrap as B
 from saeforge.pipeline import eval_files as F
 from saeforge.pipeline import metrics as M
 from saeforge.pipeline.errors import ConfigError, DatasetError, EvalError
-from saeforge.pipeline.evaluate import HookResult, SpliceResult, Strategy, evaluate_hooks
+from saeforge.pipeline.splice import HookResult, SpliceResult, Strategy, evaluate_hooks
 from saeforge.pipeline.provenance import Provenance, TextProvenance
 from saeforge.trainer.device import DTYPE_CHOICES, resolve_device, resolve_dtype
 

@@ -58,7 +58,7 @@ def _args():
 
 def main():
     args = _args()
-    from saeforge.pipeline.evaluate import AblationCE, evaluate_hooks, plan_splice
+    from saeforge.pipeline.splice import AblationCE, evaluate_hooks, plan_splice
     from saeforge.pipeline.lm import load_lm
     from saeforge.trainer.sae import make_sae
 

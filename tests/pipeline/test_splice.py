@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from saeforge.pipeline import metrics as M
-from saeforge.pipeline.evaluate import EvalError, evaluate_hooks, plan_splice, skip_blocks
+from saeforge.pipeline.errors import EvalError
+from saeforge.pipeline.splice import evaluate_hooks, plan_splice, skip_blocks
 
 
 class Identity(torch.nn.Module):
@@ -162,7 +163,7 @@ def test_prefix_blocks_run_once_per_batch(tiny_bridge, strategy, expected):
 
 def test_auto_checks_resuming_once_per_model_on_one_window(tiny_bridge):
     """`auto` verifies the shared prefix with one window of the first batch, and only once per model + hook."""
-    from saeforge.pipeline import evaluate as E
+    from saeforge.pipeline import splice as E
 
     hook = "blocks.1.hook_resid_post"
     E._VERIFIED.pop(tiny_bridge, None)

@@ -107,7 +107,7 @@ def run_demo(out: str | Path, *, preset: str | Preset = "demo", dtype: str = "au
              model: str = "smollm2-135m", dataset: str = "shakespeare", progress: bool = True) -> dict:
     """Run (or continue, or confirm) the demo in `out`; returns what `demo.json` records. `preset` is a name in
     `PRESETS` or a `Preset`; `model` and `dataset` take what `saeforge harvest` takes."""
-    from saeforge.pipeline.eval_runs import EvalConfig, evaluate_runs
+    from saeforge.pipeline.evaluate import EvalConfig, evaluate_runs
     from saeforge.pipeline.harvest import HarvestConfig, harvest
     from saeforge.pipeline.plots import plot_sweep
     from saeforge.pipeline.report import write_report

@@ -4,7 +4,7 @@
 positions the store kept, and SAE-like modules per hook (anything with `encode`/`decode` in the activation's
 original scale). Per batch it runs the model up to the splice point ONCE (the shared prefix), then per
 replacement (clean, zero ablation, mean ablation, each SAE) only the rest of the model. Run directories,
-eval.json and the ablation cache are `saeforge.pipeline.eval_runs`.
+eval.json and the ablation cache are `saeforge.pipeline.evaluate`.
 
 How the shared prefix works on TransformerBridge (TransformerLens 4.3): `forward(..., stop_at_layer=k)`
 really stops before block k, but `forward(resid, start_at_layer=k)` still executes blocks 0..k-1 and

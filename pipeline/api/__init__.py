@@ -33,8 +33,8 @@ _EXPORTS = {
     "load_sae": ("saeforge.trainer.io", "load_sae"),
     "HarvestConfig": "saeforge.pipeline.harvest",
     "harvest": "saeforge.pipeline.harvest",
-    "EvalConfig": "saeforge.pipeline.eval_runs",
-    "evaluate": ("saeforge.pipeline.eval_runs", "evaluate_runs"),
+    "EvalConfig": "saeforge.pipeline.evaluate",
+    "evaluate": ("saeforge.pipeline.evaluate", "evaluate_runs"),
     "run_demo": "saeforge.pipeline.demo",
 }
 

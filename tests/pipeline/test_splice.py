@@ -1,7 +1,7 @@
 """Splicing engine on the tiny Llama bridge: exact invariants (arXiv 2404.16014 eq. 5: identity splice 1, zeros 0),
 mean ablation with a nonzero mean, per-window CE sums, and shared prefix == full forwards.
 
-Run directories, eval.json and the CLI are tests/pipeline/test_eval_runs.py.
+Run directories, eval.json and the CLI are tests/pipeline/test_evaluate.py.
 """
 import numpy as np
 import pytest

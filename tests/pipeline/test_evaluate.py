@@ -170,7 +170,7 @@ def _lr(ablated, spliced, clean):
 def test_eval_json_matches_direct_computation(store_runs, direct, tmp_path):
     """Every number in eval.json against full forwards with the splice done by hand (zero vs mean ablation
     distinguished: they differ here by far more than the tolerance)."""
-    from saeforge.pipeline.eval_runs import EvalConfig, evaluate_runs
+    from saeforge.pipeline.evaluate import EvalConfig, evaluate_runs
 
     runs = _copy_runs(store_runs.runs, tmp_path / "sweep")
     cfg = EvalConfig(tokens=TOKENS, batch_size=BATCH, cache_dir=str(tmp_path / "cache"), device="cpu")
@@ -234,7 +234,7 @@ def test_eval_tokens_disjoint_from_store_tokens(store_runs):
 
 
 def test_dtype_resolution(monkeypatch, capsys):
-    from saeforge.pipeline.eval_runs import EvalConfig, resolve_settings
+    from saeforge.pipeline.evaluate import EvalConfig, resolve_settings
     from saeforge.trainer import device
 
     cfg = EvalConfig(device="cpu")
@@ -258,7 +258,7 @@ def bf16_store_run(tmp_path_factory, tiny_model_dir):
 
 
 def test_eval_splices_in_the_stores_harvest_dtype(bf16_store_run, store_runs, direct, tmp_path, tiny_model_dir):
-    from saeforge.pipeline.eval_runs import EvalConfig, evaluate_runs
+    from saeforge.pipeline.evaluate import EvalConfig, evaluate_runs
     from saeforge.pipeline.lm import load_lm
 
     store, run = bf16_store_run
@@ -309,11 +309,11 @@ def test_cli_eval_then_plot(store_runs, tmp_path):
 def test_cli_eval_rerun_is_a_no_op_until_something_changes(store_runs, tmp_path, monkeypatch):
     """Same settings, weights and store: eval.json is kept, the LM is not loaded, the summary is the same;
     another token budget, new weights, a broken eval.json or --force: evaluated again."""
-    from saeforge.pipeline import eval_runs, lm
+    from saeforge.pipeline import evaluate, lm
     from saeforge.trainer.io import save_sae
 
     calls = {"lm": 0, "saes": []}
-    real_hooks, real_lm = eval_runs.evaluate_hooks, lm.load_lm
+    real_hooks, real_lm = evaluate.evaluate_hooks, lm.load_lm
 
     def counting_hooks(bridge, batches, saes_by_hook, **kw):
         calls["saes"].append(sum(len(v) for v in saes_by_hook.values()))
@@ -323,7 +323,7 @@ def test_cli_eval_rerun_is_a_no_op_until_something_changes(store_runs, tmp_path,
         calls["lm"] += 1
         return real_lm(*a, **kw)
 
-    monkeypatch.setattr(eval_runs, "evaluate_hooks", counting_hooks)
+    monkeypatch.setattr(evaluate, "evaluate_hooks", counting_hooks)
     monkeypatch.setattr(lm, "load_lm", counting_lm)
     runs = _copy_runs(store_runs.runs, tmp_path / "sweep")
     args = ("--batch-size", 4, "--cache-dir", tmp_path / "c")

@@ -5,12 +5,19 @@ Dimension key used across saeforge: ``batch``, ``pos``, ``rows`` (flattened batc
 
     from saeforge.stores import StoreWriter, open_store, StoreLoader, verify_store
 
-torch is imported only by the loader and by ``Store.read``.
+torch is imported only by the loader and by ``Store.read``. The lowest layer also holds the small helpers
+trainer and pipeline share: ``stores.files`` (atomic writes, JSON, sha256), ``stores.progress`` (the
+progress bar), ``stores.background`` (the prefetching thread) and ``schema.hook_layer``.
+
+Modules: schema (format, dtypes, codecs) · attrs (typed group attributes) · errors · spec (writer settings)
+· writer · staging · hashing · shuffle · lock · stats · reader · plan · chunkread · loader · verify · cli
+· files · progress · background.
 """
-from saeforge.stores.errors import (ChecksumError, HookNotInStore, SchemaMismatch, StoreError,
+from saeforge.stores.attrs import ChunkLayout, Completion, HookStats, ShuffleParams, StoreAttrs
+from saeforge.stores.errors import (ChecksumError, HookNotInStore, InvalidInput, SchemaMismatch, StoreError,
                                     StoreIncomplete, StoreLocked, StoreNotFound)
 from saeforge.stores.reader import Store, open_store
-from saeforge.stores.stats import HookStats
+from saeforge.stores.schema import hook_layer
 from saeforge.stores.verify import VerifyReport, verify_store
 from saeforge.stores.writer import StoreWriter
 
@@ -25,4 +32,5 @@ def __getattr__(name):  # the loader imports torch: load it only when asked for
 
 __all__ = ["StoreWriter", "open_store", "Store", "StoreLoader", "LoaderCounters", "verify_store", "VerifyReport",
            "HookStats", "StoreError", "StoreNotFound", "SchemaMismatch", "StoreIncomplete", "ChecksumError",
-           "StoreLocked", "HookNotInStore"]
+           "StoreLocked", "HookNotInStore", "InvalidInput", "StoreAttrs", "ShuffleParams", "ChunkLayout",
+           "Completion", "hook_layer"]

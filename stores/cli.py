@@ -28,11 +28,11 @@ def info(path, as_json):
     """Summarise the store at PATH: rows, hooks, dtype, layout, statistics, provenance."""
     s = _open(path)
     if as_json:
-        click.echo(json.dumps({"path": s.path, "nbytes_stored": s.nbytes_stored(), **s.attrs}, indent=1))
+        click.echo(json.dumps({"path": s.path, "nbytes_stored": s.nbytes_stored(), **s.attrs.to_json()}, indent=1))
         return
     stored = s.nbytes_stored()
     click.echo(f"store     {s.path}")
-    click.echo(f"rows      {s.n_rows:,}   dtype {s.dtype}   seed {s.attrs['seed']}")
+    click.echo(f"rows      {s.n_rows:,}   dtype {s.dtype}   seed {s.attrs.seed}")
     click.echo(f"layout    chunks of {s.chunk_rows} rows, shards of {s.shard_rows} rows, "
                f"{stored / 2**20:,.1f} MiB on disk ({stored / s.n_rows:,.0f} B/row)")
     for h in s.hooks:

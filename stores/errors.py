@@ -1,4 +1,9 @@
-"""The store's error hierarchy. Every message carries the store path and the values involved."""
+"""The store's error hierarchy. Every message carries the store path and the values involved.
+
+Everything ``saeforge.stores`` raises on purpose is a :class:`StoreError`; subclasses that also derive from a
+builtin (``InvalidInput`` is a ``ValueError``, ``HookNotInStore`` a ``KeyError``) keep callers that catch the
+builtin working.
+"""
 from __future__ import annotations
 
 
@@ -24,6 +29,10 @@ class ChecksumError(StoreError):
 
 class StoreLocked(StoreError):
     """Another live writer holds the store's lock."""
+
+
+class InvalidInput(StoreError, ValueError):
+    """Arguments or rows the writer or loader cannot accept (wrong hooks, shapes, dtypes, settings)."""
 
 
 class HookNotInStore(StoreError, KeyError):

@@ -20,7 +20,7 @@ import torch
 
 from saeforge.stores import schema
 from saeforge.stores.chunkread import ChunkReader
-from saeforge.stores.errors import ChecksumError, StoreError
+from saeforge.stores.errors import ChecksumError, InvalidInput, StoreError
 from saeforge.stores.plan import epoch_plan, skip_segments, window_order
 from saeforge.stores.reader import Store, open_store
 
@@ -68,7 +68,7 @@ class StoreLoader:
         if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             problems.append(f"out_dtype must be torch.float32, bfloat16 or float16, got {out_dtype}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise InvalidInput("; ".join(problems))
         self.batch_rows, self.seed, self.threads, self.buffer_rows = batch_rows, seed, threads, buffer_rows
         self.rank, self.world_size, self.epochs, self.drop_last = rank, world_size, epochs, drop_last
         self.out_dtype, self.device, self.prefetch_batches = out_dtype, device, max(1, prefetch_batches)
@@ -108,7 +108,7 @@ class StoreLoader:
         mine = self.state_dict()
         for key in ("seed", "rank", "world_size", "buffer_rows", "n_rows"):
             if key in state and state[key] != mine[key]:
-                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has "
+                raise InvalidInput(f"loader state was saved with {key}={state[key]}, this loader has "
                                  f"{key}={mine[key]}; resume with the same settings")
         self._state = (int(state["epoch"]), int(state["position"]))
 

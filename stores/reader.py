@@ -1,32 +1,33 @@
-"""open_store: a complete store, read-only, with its metadata, statistics and convenience reads."""
+"""open_store: a complete store, read-only, with its typed attributes, statistics and convenience reads.
+
+The attributes are read once, when the store is opened, and kept typed (``Store.attrs``, a ``StoreAttrs``).
+Reads decode on demand: ``read``/``read_numpy`` (float32 rows), ``to_dask`` (a lazy float array, bf16
+included), ``array`` (the raw zarr array, in the storage dtype).
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from saeforge.stores import schema
-from saeforge.stores.errors import HookNotInStore, SchemaMismatch, StoreIncomplete, StoreNotFound
-from saeforge.stores.layout import read_group_attrs
-from saeforge.stores.staging import read_json
-from saeforge.stores.stats import HookStats
+from saeforge.stores.attrs import FORMAT_KEY, HookStats, StoreAttrs, parse_attrs, read_group_attrs
+from saeforge.stores.errors import HookNotInStore, StoreIncomplete, StoreNotFound
+from saeforge.stores.files import read_json
 
 
-def read_attrs(path_or_url, *, require_complete: bool = True) -> tuple[schema.Location, dict]:
-    """Locate a store and return its attributes, raising the domain error that says what is wrong."""
+def read_attrs(path_or_url, *, require_complete: bool = True) -> tuple[schema.Location, StoreAttrs]:
+    """Locate a store and return its typed attributes, raising the domain error that says what is wrong."""
     loc = schema.locate(path_or_url)
     if not loc.fs.exists(loc.root):
         raise StoreNotFound(f"no store at {loc.url}: the path does not exist")
     try:
-        attrs = read_group_attrs(loc)
+        raw = read_group_attrs(loc)
     except (ValueError, OSError) as e:
         raise StoreNotFound(f"{loc.url} is not a saeforge store: unreadable zarr.json ({e})") from e
-    if attrs is None or "saeforge_format_version" not in attrs:
-        what = "no zarr.json" if attrs is None else "a zarr group without saeforge attributes"
+    if raw is None or FORMAT_KEY not in raw:
+        what = "no zarr.json" if raw is None else "a zarr group without saeforge attributes"
         raise StoreNotFound(f"{loc.url} is not a saeforge store ({what})")
-    version = attrs["saeforge_format_version"]
-    if version != schema.FORMAT_VERSION:
-        raise SchemaMismatch(f"{loc.url} has store format version {version!r}; this saeforge reads version "
-                             f"{schema.FORMAT_VERSION} (upgrade saeforge or re-harvest the store)")
-    if require_complete and not attrs.get("complete"):
+    attrs = parse_attrs(loc, raw)
+    if require_complete and not attrs.is_complete:
         raise StoreIncomplete(_incomplete_message(loc))
     return loc, attrs
 
@@ -44,18 +45,18 @@ def _incomplete_message(loc: schema.Location) -> str:
 class Store:
     """A complete store opened for reading (``open_store``). Arrays are decoded on demand."""
 
-    def __init__(self, loc: schema.Location, attrs: dict):
+    def __init__(self, loc: schema.Location, attrs: StoreAttrs):
         import zarr
 
         self.loc, self.attrs = loc, attrs
         self.path = loc.url
         self.group = zarr.open_group(loc.zarr_store(read_only=True), mode="r")
-        self.n_rows: int = int(attrs["n_rows"])
-        self.hooks: list[str] = list(attrs["hooks"])
-        self.dtype: str = attrs["dtype"]
-        self.provenance: dict = attrs.get("provenance") or {}
-        self.chunk_rows: int = int(attrs["layout"]["chunk_rows"])
-        self.shard_rows: int = int(attrs["layout"]["shard_rows"])
+        self.n_rows: int = int(attrs.n_rows)
+        self.hooks: list[str] = list(attrs.hooks)
+        self.dtype: str = attrs.dtype
+        self.provenance: dict = attrs.provenance or {}
+        self.chunk_rows: int = int(attrs.layout.chunk_rows)
+        self.shard_rows: int = int(attrs.layout.shard_rows)
 
     def __repr__(self):
         hooks = ", ".join(f"{h} (d={self.d(h)})" for h in self.hooks)
@@ -63,21 +64,22 @@ class Store:
 
     def d(self, hook: str) -> int:
         self.check_hooks([hook])
-        return int(self.attrs["hooks"][hook])
+        return int(self.attrs.hooks[hook])
 
     def check_hooks(self, hooks) -> None:
         """Raise HookNotInStore naming the first missing hook and the hooks the store has."""
         for h in hooks:
-            if h not in self.attrs["hooks"]:
+            if h not in self.attrs.hooks:
                 raise HookNotInStore(f"hook {h!r} is not in the store {self.path}; it has {self.hooks}")
 
     def stats(self, hook: str) -> HookStats:
         self.check_hooks([hook])
-        return HookStats.from_attrs(self.attrs["stats"][hook])
+        st = self.attrs.stats[hook]
+        return st._replace(mean=st.mean.copy())  # the caller's to modify; the attributes stay as read
 
     def array(self, name: str):
         """The raw zarr array (storage dtype: bfloat16 hooks are uint16 bit patterns)."""
-        if name not in self.attrs["hooks"] and name not in schema.META_ARRAYS:
+        if name not in self.attrs.hooks and name not in schema.META_ARRAYS:
             self.check_hooks([name])
         return self.group[name]
 
@@ -91,6 +93,22 @@ class Store:
         import torch
 
         return torch.from_numpy(self.read_numpy(hook, start, stop))
+
+    def to_dask(self, name: str):
+        """A lazy dask array of a hook's rows as floats (bfloat16 widened exactly to float32; float32 and
+        float16 as stored), or of token_ids/seq_idx/pos as stored. Blocks are whole shards (one file, one
+        read per block).
+
+        ``dask.array.from_zarr`` alone gives a bfloat16 hook's uint16 bit patterns, whose ``mean()`` is
+        not the mean of the activations.
+        """
+        import dask.array as da
+
+        arr = self.array(name)
+        blocks = da.from_zarr(arr, chunks=(self.shard_rows, *arr.shape[1:]))
+        if name in self.attrs.hooks and self.dtype == "bfloat16":
+            return blocks.map_blocks(schema.bf16_bits_to_fp32, dtype=np.float32)
+        return blocks
 
     def token_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self.group["token_ids"][start:stop]

@@ -1,8 +1,8 @@
-"""Format version 1 of the store: layout, dtypes, codecs, attribute names, and where the store lives.
+"""Format version 1 of the store: layout, dtypes, codecs, hook names, and where the store lives.
 
 Layout of a store (one Zarr v3 group)::
 
-    <store>/zarr.json                 group attributes (see ``ATTRS_DOC``), completion record last
+    <store>/zarr.json                 group attributes (``attrs.StoreAttrs``), completion record last
     <store>/<hook>/                   (rows, d) array per hook point; bfloat16 stored as its uint16 bit pattern
     <store>/token_ids, seq_idx, pos   (rows,) arrays aligned with the hooks row for row
     <store>/.saeforge/                writer state while incomplete (lock, progress, staged buckets)
@@ -13,6 +13,7 @@ zstd(1), 1 MiB blocks), crc32c, inside a sharding codec so a 10^9-row store is ~
 from __future__ import annotations
 
 import os
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -32,6 +33,16 @@ ATTRS_DOC = (
     "aligned row for row; rows are a uniform random permutation of the harvested tokens. Arrays whose "
     "logical_dtype is bfloat16 hold the uint16 bit pattern: fp32 = (uint32(x) << 16).view(float32)."
 )
+
+
+_BLOCK_HOOK = re.compile(r"blocks\.(\d+)\.")
+
+
+def hook_layer(name: str) -> int | None:
+    """Layer of a hook point inside a block: ``blocks.10.hook_resid_post`` -> 10; None outside blocks
+    (``hook_embed``, ``ln_final.hook_normalized``)."""
+    m = _BLOCK_HOOK.match(name)
+    return int(m.group(1)) if m else None
 
 
 def bf16_bits_to_fp32(bits: np.ndarray) -> np.ndarray:

@@ -13,8 +13,9 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from saeforge.stores.staging import Field, StagedFile, bucket_of, read_piece, salt_key, write_staged
+from saeforge.stores.hashing import bucket_of, salt_key
 from saeforge.stores.schema import Location
+from saeforge.stores.staging import Field, StagedFile, read_piece, write_staged
 
 
 class ShuffleContext(NamedTuple):

@@ -1,32 +1,19 @@
-"""Per-hook normalisation statistics, accumulated in float64 over every stored row."""
+"""Per-hook normalisation statistics, accumulated in float64 over every stored row.
+
+The writer adds each shard as it writes it and keeps the running sums in its progress record (exact in
+JSON, so a resumed writer continues bit for bit); ``finish`` turns them into the ``HookStats`` of the
+store's attributes. ``verify`` recomputes them from the rows the same way.
+"""
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import numpy as np
 
+from saeforge.stores.attrs import HookStats
 from saeforge.stores.schema import to_float64
 
 _BLOCK = 8192  # rows converted to float64 at a time (bounded memory)
-
-
-class HookStats(NamedTuple):
-    """Statistics of one hook over all rows of the store (of the stored, possibly rounded, values)."""
-
-    mean: np.ndarray
-    """(d,) float64 mean vector."""
-    mean_sq_norm: float
-    """E||x||^2."""
-    mean_norm: float
-    """E||x||."""
-    scale: float
-    """sqrt(d / E||x||^2): multiply rows by it so that E||x||^2 = d."""
-
-    @classmethod
-    def from_attrs(cls, entry: dict) -> "HookStats":
-        return cls(np.asarray(entry["mean"], dtype=np.float64), float(entry["mean_sq_norm"]),
-                   float(entry["mean_norm"]), float(entry["scale"]))
 
 
 class StatsAccumulator:
@@ -58,11 +45,11 @@ class StatsAccumulator:
                 acc["sum_sq"] += float(sq.sum())
                 acc["sum_norm"] += float(np.sqrt(sq).sum())
 
-    def finish(self, hooks: dict[str, int], n_rows: int) -> dict:
+    def finish(self, hooks: dict[str, int], n_rows: int) -> dict[str, HookStats]:
         out = {}
         for hook, d in hooks.items():
             acc = self.sums[hook]
             msq = acc["sum_sq"] / n_rows
-            out[hook] = {"mean": (acc["sum"] / n_rows).tolist(), "mean_sq_norm": msq,
-                         "mean_norm": acc["sum_norm"] / n_rows, "scale": math.sqrt(d / msq) if msq > 0 else 1.0}
+            out[hook] = HookStats(acc["sum"] / n_rows, msq, acc["sum_norm"] / n_rows,
+                                  math.sqrt(d / msq) if msq > 0 else 1.0)
         return out

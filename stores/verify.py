@@ -7,7 +7,6 @@ from typing import NamedTuple
 import numpy as np
 
 from saeforge.stores import schema
-from saeforge.stores.errors import StoreError
 from saeforge.stores.stats import StatsAccumulator
 
 
@@ -77,8 +76,9 @@ def _check_shapes(store) -> list[str]:
         want = (store.n_rows, store.d(name)) if name in store.hooks else (store.n_rows,)
         if tuple(shape) != want:
             problems.append(f"array {name} has shape {tuple(shape)}, attributes say {want}")
-    if (store.attrs.get("complete") or {}).get("rows") != store.n_rows:
-        problems.append(f"completion record says {store.attrs['complete']} but n_rows is {store.n_rows}")
+    complete = store.attrs.complete
+    if complete is None or complete.rows != store.n_rows:
+        problems.append(f"completion record says {store.attrs.to_json()['complete']} but n_rows is {store.n_rows}")
     return problems
 
 
@@ -87,10 +87,10 @@ def _check_stats(store, acc: StatsAccumulator) -> list[str]:
     fresh = acc.finish({h: store.d(h) for h in store.hooks}, store.n_rows)
     for h in store.hooks:
         saved = store.stats(h)
-        if not (np.allclose(saved.mean, fresh[h]["mean"], rtol=1e-9, atol=1e-9)
-                and np.isclose(saved.mean_sq_norm, fresh[h]["mean_sq_norm"], rtol=1e-9)):
+        if not (np.allclose(saved.mean, fresh[h].mean, rtol=1e-9, atol=1e-9)
+                and np.isclose(saved.mean_sq_norm, fresh[h].mean_sq_norm, rtol=1e-9)):
             problems.append(f"statistics of {h} do not match its rows (stored mean_sq_norm "
-                            f"{saved.mean_sq_norm}, recomputed {fresh[h]['mean_sq_norm']})")
+                            f"{saved.mean_sq_norm}, recomputed {fresh[h].mean_sq_norm})")
     return problems
 
 

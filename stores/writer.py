@@ -8,15 +8,17 @@ with the same config resumes from the last commit; the producer skips ``rows_sta
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 from saeforge.stores import schema
+from saeforge.stores.attrs import FORMAT_KEY, StoreAttrs, parse_attrs, read_group_attrs, write_group_attrs
 from saeforge.stores.errors import SchemaMismatch, StoreError
-from saeforge.stores.layout import WriterSpec, read_group_attrs, write_group_attrs
+from saeforge.stores.files import read_json, write_json_atomic
+from saeforge.stores.lock import acquire_lock, release_lock
+from saeforge.stores.progress import progress_bar
 from saeforge.stores.shuffle import ShuffleContext, Stager, iter_shuffled
-from saeforge.stores.staging import acquire_lock, read_counts, read_json, release_lock, write_json_atomic
+from saeforge.stores.spec import WriterSpec, create_arrays
+from saeforge.stores.staging import read_counts
 from saeforge.stores.stats import StatsAccumulator
 
 
@@ -45,25 +47,19 @@ class StoreWriter:
     # --- opening -------------------------------------------------------------------------------------
     def _open_or_create(self) -> None:
         fs, loc = self.loc.fs, self.loc
-        attrs = read_group_attrs(loc)
-        if attrs is None and fs.exists(loc.root) and set(_names(fs, loc.root)) - {schema.STATE_DIR}:
-            raise StoreError(f"{loc.url} exists and is not a saeforge store; choose an empty or new path")
-        if attrs is not None:
-            if "saeforge_format_version" not in attrs:
-                raise StoreError(f"{loc.url} is a zarr group but not a saeforge store; refusing to write there")
-            if attrs.get("complete"):
-                raise StoreError(f"{loc.url} is already a complete store ({attrs.get('n_rows')} rows); "
-                                 "delete it or choose another path to write a new one")
+        attrs = self._existing_attrs()
+        if attrs is not None and attrs.is_complete:
+            raise StoreError(f"{loc.url} is already a complete store ({attrs.n_rows} rows); "
+                             "delete it or choose another path to write a new one")
         fs.makedirs(f"{self._state_dir}/stage", exist_ok=True)
         acquire_lock(loc, self._lock)
-        attrs = read_group_attrs(loc)  # again, under the lock: a writer may have finished meanwhile
-        if attrs and attrs.get("complete"):
-            release_lock(loc, self._lock)
-            raise StoreError(f"{loc.url} is already a complete store; delete it or choose another path")
         try:
+            attrs = self._existing_attrs()  # again, under the lock: a writer may have finished meanwhile
+            if attrs is not None and attrs.is_complete:
+                raise StoreError(f"{loc.url} is already a complete store; delete it or choose another path")
             self._progress = read_json(loc, self._progress_path) if attrs is not None else None
             if attrs is not None:
-                self._check_same_config(attrs.get("writer_config", {}))
+                self._check_same_config(attrs.writer_config)
             else:
                 write_group_attrs(loc, self.spec.initial_attrs())
             if self._progress is None:
@@ -73,6 +69,18 @@ class StoreWriter:
             release_lock(loc, self._lock)
             raise
         self._stager = self._make_stager()
+
+    def _existing_attrs(self) -> StoreAttrs | None:
+        """The attributes of the store already at the path (None: nothing there); refuses anything else."""
+        fs, loc = self.loc.fs, self.loc
+        raw = read_group_attrs(loc)
+        if raw is None:
+            if fs.exists(loc.root) and set(_names(fs, loc.root)) - {schema.STATE_DIR}:
+                raise StoreError(f"{loc.url} exists and is not a saeforge store; choose an empty or new path")
+            return None
+        if FORMAT_KEY not in raw:
+            raise StoreError(f"{loc.url} is a zarr group but not a saeforge store; refusing to write there")
+        return parse_attrs(loc, raw)
 
     def _check_same_config(self, stored: dict) -> None:
         mine = self.spec.config_dict()
@@ -172,8 +180,6 @@ class StoreWriter:
         n_rows = self._progress["rows_staged"]
         if n_rows == 0:
             raise StoreError(f"{self.loc.url}: no rows were appended; nothing to write")
-        from saeforge.stores.layout import create_arrays
-
         create_arrays(self.loc, self.spec, n_rows)
         acc = StatsAccumulator.empty(self.spec.hooks)
         self._progress.update(phase="writing", n_rows=n_rows, rows_written=0, stats_acc=acc.to_json())
@@ -188,17 +194,17 @@ class StoreWriter:
         acc = StatsAccumulator.from_json(p["stats_acc"])
         pending, n_pending = [], 0
         stream = iter_shuffled(self._ctx(), self._staged_files(), spec.n_buckets, (0,), p["rows_written"])
-        bar = _bar(p["n_rows"], p["rows_written"], self.progress_bar)
-        for block in stream:
-            pending.append(block)
-            n_pending += len(block["token_ids"])
-            while n_pending >= spec.shard_rows or (n_pending and p["rows_written"] + n_pending == p["n_rows"]):
-                take = min(n_pending, spec.shard_rows)
-                shard = _take_rows(pending, take)
-                n_pending -= take
-                self._write_shard(arrays, shard, acc, take)
-                bar and bar.update(take)
-        bar and bar.close()
+        with progress_bar(p["n_rows"], initial=p["rows_written"], desc="shuffle+write", unit="row",
+                          enabled=self.progress_bar) as bar:
+            for block in stream:
+                pending.append(block)
+                n_pending += len(block["token_ids"])
+                while n_pending >= spec.shard_rows or (n_pending and p["rows_written"] + n_pending == p["n_rows"]):
+                    take = min(n_pending, spec.shard_rows)
+                    shard = _take_rows(pending, take)
+                    n_pending -= take
+                    self._write_shard(arrays, shard, acc, take)
+                    bar.update(take)
         if p["rows_written"] != p["n_rows"]:
             raise StoreError(f"{self.loc.url}: wrote {p['rows_written']} of {p['n_rows']} rows; staging is damaged")
 
@@ -217,12 +223,10 @@ class StoreWriter:
         self._remove_partial_files()
         if self.loc.fs.exists(f"{self._state_dir}/stage"):
             self.loc.fs.rm(f"{self._state_dir}/stage", recursive=True)
-        attrs = self.spec.initial_attrs()  # no timestamps: same seed + same input = bit-identical store
-        attrs.update(n_rows=p["n_rows"], stats=stats,
-                     complete={"rows": p["n_rows"], "format_version": schema.FORMAT_VERSION})
+        # no timestamps: same seed + same input = bit-identical store
+        attrs = self.spec.initial_attrs().completed(p["n_rows"], stats)
         write_group_attrs(self.loc, attrs)  # the completion record: the last write of the store
         self.loc.fs.rm(self._progress_path)
-
 
     def _remove_partial_files(self) -> None:
         """zarr's LocalStore writes ``<key>.<uuid>.partial`` then renames; a kill leaves the temp file."""
@@ -253,12 +257,4 @@ def _take_rows(pending: list, n: int) -> dict:
 
 def _names(fs, root):
     return [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)]
-
-
-def _bar(total, done, enabled):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, unit="row", desc="shuffle+write", file=sys.stderr)
 

@@ -49,6 +49,22 @@ class StoreContract:
         assert s.provenance == {"test": True}
         assert verify_store(url).ok
 
+    @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+    def test_to_dask_gives_float_values(self, url, store_factory, dtype):
+        store_factory(url, n=700, hooks=HOOKS, dtype=dtype)
+        s = open_store(url)
+        for h in HOOKS:
+            x = s.to_dask(h)
+            want = s.read_numpy(h)  # the reader's own decode (bf16 bits widened to float32)
+            assert x.dtype == {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}[dtype]
+            assert x.shape == want.shape and x.chunks[0][0] == s.shard_rows
+            np.testing.assert_array_equal(x.compute().astype(np.float32), want)
+            np.testing.assert_allclose(x.astype(np.float64).mean(axis=0).compute(), s.stats(h).mean, rtol=1e-12,
+                                       atol=1e-12)
+        assert np.array_equal(s.to_dask("token_ids").compute(), s.token_ids())
+        with pytest.raises(HookNotInStore):
+            s.to_dask("blocks.9.hook_resid_post")
+
     def test_loader_bf16_bits_reach_torch_unconverted(self, url, store_factory):
         data = store_factory(url, n=700, hooks={"h": 6}, dtype="bfloat16")
         s = open_store(url)

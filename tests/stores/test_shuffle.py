@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from saeforge.stores import StoreWriter, open_store
-from saeforge.stores.staging import bucket_of, salt_key
+from saeforge.stores.hashing import bucket_of, salt_key
 
 N = 20000
 CHI2_9DOF_P001 = 27.877  # 99.9% quantile of chi-square with 9 degrees of freedom

@@ -1,4 +1,9 @@
-"""The writer's settings and what they decide: fields, chunk/shard sizes, buckets, group attributes."""
+"""WriterSpec: the writer's settings and everything they decide.
+
+Fields (one per hook plus token_ids/seq_idx/pos), chunk and shard sizes, shuffle buckets and buffer sizes,
+the store's initial attributes (``StoreAttrs``), the arrays as created, and how an appended batch is checked
+and converted to storage dtypes. Same spec + same input rows = same store, byte for byte.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from saeforge.stores import schema
-from saeforge.stores.staging import Field, read_json, write_json_atomic
+from saeforge.stores.attrs import ChunkLayout, ShuffleParams, StoreAttrs
+from saeforge.stores.errors import InvalidInput
+from saeforge.stores.staging import Field
 
 SHUFFLE_DOC = ("two-pass external shuffle: row i goes to bucket splitmix64(splitmix64(i) ^ key(seed)) mod "
                "n_buckets; each bucket is permuted by numpy default_rng([seed, 0, bucket]); buckets larger "
@@ -64,7 +71,7 @@ class WriterSpec:
         except (TypeError, ValueError) as e:
             problems.append(f"provenance must be JSON-serialisable: {e}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise InvalidInput("; ".join(problems))
 
     @classmethod
     def build(cls, *, hooks, dtype, seed, expected_rows, provenance, memory_limit_bytes, chunk_rows,
@@ -101,39 +108,41 @@ class WriterSpec:
         d["format_version"] = schema.FORMAT_VERSION
         return json.loads(json.dumps(d))
 
-    def initial_attrs(self) -> dict:
-        return {
-            "saeforge_format_version": schema.FORMAT_VERSION,
-            "description": schema.ATTRS_DOC,
-            "dtype": self.dtype,
-            "hooks": dict(self.hooks),
-            "meta_arrays": {k: np.dtype(v).name for k, v in schema.META_ARRAYS.items()},
-            "n_rows": None,
-            "seed": self.seed,
-            "shuffle": {"algorithm": SHUFFLE_DOC, "n_buckets": self.n_buckets,
-                        "bucket_max_rows": self.bucket_max_rows},
-            "layout": {"chunk_rows": self.chunk_rows, "shard_rows": self.shard_rows},
-            "provenance": self.provenance,
-            "writer_config": self.config_dict(),
-            "stats": None,
-            "complete": None,
-        }
+    def initial_attrs(self) -> StoreAttrs:
+        """The attributes of the store while it is being written (no rows, statistics or completion yet)."""
+        return StoreAttrs(
+            format_version=schema.FORMAT_VERSION,
+            description=schema.ATTRS_DOC,
+            dtype=self.dtype,
+            hooks=dict(self.hooks),
+            meta_arrays={k: np.dtype(v).name for k, v in schema.META_ARRAYS.items()},
+            n_rows=None,
+            seed=self.seed,
+            shuffle=ShuffleParams(algorithm=SHUFFLE_DOC, n_buckets=self.n_buckets,
+                                  bucket_max_rows=self.bucket_max_rows),
+            layout=ChunkLayout(chunk_rows=self.chunk_rows, shard_rows=self.shard_rows),
+            provenance=self.provenance,
+            writer_config=self.config_dict(),
+            stats=None,
+            complete=None,
+        )
 
     def convert_batch(self, acts: dict, *, token_ids, seq_idx, pos) -> dict:
         """Validate one appended batch and convert it to storage arrays (numpy, contiguous)."""
         missing, extra = set(self.hooks) - set(acts), set(acts) - set(self.hooks)
         if missing or extra:
-            raise ValueError(f"append needs exactly the hooks {sorted(self.hooks)}; "
-                             f"missing {sorted(missing)}, unexpected {sorted(extra)}")
+            raise InvalidInput(f"append needs exactly the hooks {sorted(self.hooks)}; "
+                               f"missing {sorted(missing)}, unexpected {sorted(extra)}")
         out = {h: _as_storage(acts[h], self.dtype, h, d) for h, d in self.hooks.items()}
         n = {len(v) for v in out.values()}
         if len(n) != 1:
-            raise ValueError(f"hooks have different row counts in one append: { {h: len(v) for h, v in out.items()} }")
+            counts = {h: len(v) for h, v in out.items()}
+            raise InvalidInput(f"hooks have different row counts in one append: {counts}")
         n = n.pop()
         for name, val in (("token_ids", token_ids), ("seq_idx", seq_idx), ("pos", pos)):
             arr = np.full(n, -1) if val is None else _to_numpy(val).reshape(-1)
             if len(arr) != n:
-                raise ValueError(f"{name} has {len(arr)} entries for {n} rows")
+                raise InvalidInput(f"{name} has {len(arr)} entries for {n} rows")
             out[name] = np.ascontiguousarray(arr, dtype=schema.META_ARRAYS[name])
         return out if n else {}
 
@@ -158,38 +167,24 @@ def _as_storage(x, dtype: str, hook: str, d: int) -> np.ndarray:
     is_bf16_bits = hasattr(x, "detach") and str(x.dtype) == "torch.bfloat16"
     arr = _to_numpy(x)
     if arr.ndim != 2 or arr.shape[1] != d:
-        raise ValueError(f"{hook}: expected rows of shape (rows, {d}), got {tuple(arr.shape)}")
+        raise InvalidInput(f"{hook}: expected rows of shape (rows, {d}), got {tuple(arr.shape)}")
     if is_bf16_bits:
         if dtype != "bfloat16":  # widen exactly, then narrow to the storage dtype
             arr = schema.bf16_bits_to_fp32(arr)
         finite = ((arr & 0x7F80) != 0x7F80).all() if dtype == "bfloat16" else np.isfinite(arr).all()
     else:
         if not np.issubdtype(arr.dtype, np.floating):
-            raise ValueError(f"{hook}: expected floating-point rows, got {arr.dtype}")
+            raise InvalidInput(f"{hook}: expected floating-point rows, got {arr.dtype}")
         finite = np.isfinite(arr).all()
     if not finite:
-        raise ValueError(f"{hook}: rows contain NaN or inf; a store must hold finite activations")
+        raise InvalidInput(f"{hook}: rows contain NaN or inf; a store must hold finite activations")
     out = schema.to_storage(arr, dtype)
     if dtype != "bfloat16" and not np.isfinite(out).all():
-        raise ValueError(f"{hook}: values overflow {dtype}; store them as bfloat16 or float32")
+        raise InvalidInput(f"{hook}: values overflow {dtype}; store them as bfloat16 or float32")
     return out
 
 
-# --- group metadata ----------------------------------------------------------------------------------
-def read_group_attrs(loc: schema.Location) -> dict | None:
-    """The group's attributes, or None where there is no zarr.json (not a zarr group)."""
-    meta = read_json(loc, loc.sub("zarr.json"))
-    if meta is None:
-        return None
-    return meta.get("attributes", {}) if isinstance(meta, dict) else {}
-
-
-def write_group_attrs(loc: schema.Location, attrs: dict) -> None:
-    """Replace the group's zarr.json (Zarr v3 group metadata) atomically."""
-    loc.fs.makedirs(loc.root, exist_ok=True)
-    write_json_atomic(loc, loc.sub("zarr.json"), {"zarr_format": 3, "node_type": "group", "attributes": attrs})
-
-
+# --- the arrays ----------------------------------------------------------------------------------------
 def create_arrays(loc: schema.Location, spec: WriterSpec, n_rows: int) -> None:
     """Create (or re-create, after a crash) every array of the store, empty, with its final shape."""
     import zarr

@@ -1,0 +1,125 @@
+"""Small files, written so that a crash never leaves a half-written one: one helper of each kind.
+
+Local files (run directories, caches): :func:`write_atomic` for bytes or text, :func:`atomic_path` for
+libraries that write a path themselves (``torch.save``, ``safetensors``). Files of a store, local or on any
+fsspec filesystem: :func:`write_json_atomic` (the writer's commit points), :func:`write_bytes_durable`,
+:func:`read_json`. And one way to hash: :func:`sha256_file`, :func:`sha256_bytes`.
+
+Atomic here means: written to a temporary file in the same directory, then renamed over the target
+(``os.replace`` is atomic on POSIX and Windows), so readers see the old file or the new one, never a mix.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from saeforge.stores.schema import Location
+
+_HASH_BLOCK = 1 << 20
+"""Bytes read at a time by sha256_file (bounded memory for multi-GB weight files)."""
+
+
+def _tmp_name(path: Path) -> Path:
+    """A hidden temporary name beside ``path``, unique per process and thread."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def _fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename inside ``directory`` durable (not every filesystem allows opening a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure remove it.
+
+        with atomic_path(run_dir / "checkpoint.pt") as tmp:
+            torch.save(state, tmp)
+    """
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def _write_local(path: str | os.PathLike, data: bytes, *, fsync: bool) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str, *, durable: bool = False) -> None:
+    """Replace the local file ``path`` with ``data`` (text is written as UTF-8) all at once.
+
+    ``durable``: also fsync the file and its directory, so the new content survives a power loss.
+    """
+    data = data.encode() if isinstance(data, str) else data
+    with atomic_path(path) as tmp:
+        _write_local(tmp, data, fsync=durable)
+    if durable:
+        _fsync_dir(Path(path).parent)
+
+
+def write_bytes_durable(loc: Location, path: str, data: bytes) -> None:
+    """Write a file; on local disks fsync it. Not atomic: callers commit through ``write_json_atomic``."""
+    if loc.is_local:
+        _write_local(path, data, fsync=True)
+    else:
+        loc.fs.pipe_file(path, data)
+
+
+def write_json_atomic(loc: Location, path: str, obj) -> None:
+    """Replace ``path`` with ``obj`` as JSON all at once (tmp + fsync + rename locally; one PUT elsewhere).
+
+    The encoding (``indent=1``, no NaN) is part of the store format: zarr.json is written through here.
+    """
+    data = json.dumps(obj, indent=1, allow_nan=False).encode()
+    if loc.is_local:
+        write_atomic(path, data, durable=True)
+    else:
+        loc.fs.pipe_file(path, data)
+
+
+def read_json(loc: Location, path: str):
+    """The JSON document at ``path``, or None when there is no such file."""
+    try:
+        with loc.fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a local file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_HASH_BLOCK), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -33,7 +33,8 @@ PERCENTILES = (2.5, 97.5)
 
 def resample_indices(n_windows: int, n_resamples: int = N_RESAMPLES, seed: int = SEED,
                      block: int = BLOCK) -> Iterator[np.ndarray]:
-    """Blocks of resample rows, each (<= block, n_windows) int64 window indices drawn with replacement.
+    """Blocks of resamples, each (<= block, n_windows) int64: one resample's window indices, drawn with
+    replacement, per line.
 
     The concatenated blocks ARE the index matrix; they depend only on (n_windows, n_resamples, seed, block).
     """
@@ -45,7 +46,7 @@ def resample_indices(n_windows: int, n_resamples: int = N_RESAMPLES, seed: int =
 
 
 def _counts(idx: np.ndarray, n_windows: int) -> np.ndarray:
-    """(b, n_windows) index rows -> (b, n_windows) float64 counts of each window per row."""
+    """(b, n_windows) window indices of b resamples -> (b, n_windows) float64 counts of each window per resample."""
     b = idx.shape[0]
     flat = (idx + n_windows * np.arange(b)[:, None]).ravel()
     return np.bincount(flat, minlength=b * n_windows).reshape(b, n_windows).astype(np.float64)
@@ -54,7 +55,7 @@ def _counts(idx: np.ndarray, n_windows: int) -> np.ndarray:
 def resampled_sums(per_window: np.ndarray, n_resamples: int = N_RESAMPLES, seed: int = SEED) -> np.ndarray:
     """(k, n_windows) per-window values -> (n_resamples, k) their sums over each resample's windows.
 
-    Each of the k rows is reduced on its own (a matrix-vector product), so two identical rows give
+    Each of the k series is reduced on its own (a matrix-vector product), so two identical series give
     bit-identical resampled sums.
     """
     per_window = np.asarray(per_window, dtype=np.float64)
@@ -94,12 +95,12 @@ def splice_intervals(clean: np.ndarray, spliced: np.ndarray, n_scored: np.ndarra
     CEs are missing or a resample leaves it undefined. Every statistic uses the same resamples.
     """
     clean, spliced = np.asarray(clean, np.float64), np.asarray(spliced, np.float64)
-    rows = {"dce": spliced - clean, "n": np.asarray(n_scored, np.float64)}
+    series = {"dce": spliced - clean, "n": np.asarray(n_scored, np.float64)}
     for name, ablated in (("zero", zero), ("mean", mean)):
         if ablated is not None:
             ablated = np.asarray(ablated, np.float64)
-            rows[f"{name}_num"], rows[f"{name}_den"] = ablated - spliced, ablated - clean
-    sums = dict(zip(rows, resampled_sums(np.stack(list(rows.values())), n_resamples, seed).T))
+            series[f"{name}_num"], series[f"{name}_den"] = ablated - spliced, ablated - clean
+    sums = dict(zip(series, resampled_sums(np.stack(list(series.values())), n_resamples, seed).T))
     out = {"loss_recovered_ci95": None, "loss_recovered_mean_ci95": None,
            "delta_ce_ci95": _ratio(sums["dce"], sums["n"])}
     for name, key in (("zero", "loss_recovered_ci95"), ("mean", "loss_recovered_mean_ci95")):

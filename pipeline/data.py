@@ -136,24 +136,45 @@ def _read_local(path: Path, column: str) -> Iterator[str]:
     if path.suffix == ".txt":
         yield path.read_bytes().decode("utf-8", errors="replace")
     elif path.suffix in {".jsonl", ".json"}:
-        with open(path, encoding="utf-8") as f:
+        yield from _read_jsonl(path, column)
+    else:
+        yield from _read_parquet(path, column)
+
+
+def _read_jsonl(path: Path, column: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        try:
             for n, line in enumerate(f, 1):
                 if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DatasetError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-                    if column not in row:
-                        raise DatasetError(f"{path}:{n}: no column {column!r} (has {', '.join(row)})")
-                    yield row[column]
-    else:
-        import pyarrow.parquet as pq
+                    yield _json_text(line, column, f"{path}:{n}")
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
+
+def _json_text(line: str, column: str, where: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{where}: not a JSON line ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: not a JSON object (a {type(row).__name__})")
+    if column not in row:
+        raise DatasetError(f"{where}: no column {column!r} (has {', '.join(row)})")
+    return row[column]
+
+
+def _read_parquet(path: Path, column: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
         table = pq.ParquetFile(path)
-        if column not in table.schema_arrow.names:
-            raise DatasetError(f"{path}: no column {column!r} (has {', '.join(table.schema_arrow.names)})")
-        for batch in table.iter_batches(columns=[column]):
-            yield from batch.column(0).to_pylist()
+    except pa.ArrowException as e:
+        raise DatasetError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+    if column not in table.schema_arrow.names:
+        raise DatasetError(f"{path}: no column {column!r} (has {', '.join(table.schema_arrow.names)})")
+    for batch in table.iter_batches(columns=[column]):
+        yield from batch.column(0).to_pylist()
 
 
 def _read_hf(record: dict) -> Iterator[str]:

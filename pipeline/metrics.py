@@ -33,14 +33,14 @@ def delta_ce(ce_clean: float, ce_spliced: float) -> float:
     return ce_spliced - ce_clean
 
 
-def next_token_ce_sum(logits: torch.Tensor, tokens: torch.Tensor, scored: torch.Tensor) -> float:
+def next_token_ce_sum(logits: torch.Tensor, token_ids: torch.Tensor, scored: torch.Tensor) -> float:
     """Sum over scored predictions of -log p(token[t+1] | logits[t]), in float64.
 
-    logits: (batch, pos, d_vocab); tokens: (batch, pos); scored: (batch, pos - 1) bool, True where the
+    logits: (batch, pos, d_vocab); token_ids: (batch, pos); scored: (batch, pos - 1) bool, True where the
     prediction made at position t (target token t+1) counts.
     """
     pred = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    nll = F.cross_entropy(pred, tokens[:, 1:].reshape(-1), reduction="none")
+    nll = F.cross_entropy(pred, token_ids[:, 1:].reshape(-1), reduction="none")
     return float(nll.double()[scored.reshape(-1)].sum())
 
 

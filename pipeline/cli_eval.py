@@ -1,17 +1,21 @@
 """`saeforge eval RUN... [--tokens N]` and `saeforge plot SWEEP_DIR`.
 
-Only click is imported at module level, so `--help` stays instant; results go to stdout as JSON, progress to
+Only click and the option machinery (`trainer/options.py`, which reads `EvalConfig` from its source) are
+imported at module level, so `--help` stays instant; results go to stdout as JSON, progress to
 stderr.
 """
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
+from saeforge.trainer.options import CONFIG_HELP, build_config, given, read_config, table_options, with_options
+
 
 def _domain_errors():
-    from saeforge.pipeline.evaluate import EvalError
+    from saeforge.pipeline.errors import EvalError
     from saeforge.pipeline.plots import PlotError
     from saeforge.stores.errors import StoreError
     from saeforge.trainer.errors import TrainerError
@@ -29,22 +33,12 @@ def _summary(rec: dict) -> dict:
 
 
 @click.command("eval")
-@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--tokens", type=int, default=2**18, show_default=True,
-              help="Held-out tokens to evaluate on (whole batches of windows).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per forward pass.")
-@click.option("--model", default=None, help="LM to evaluate with [the model the store's provenance records].")
-@click.option("--strategy", type=click.Choice(["auto", "shared_prefix", "full"]), default="auto",
-              show_default=True, help="shared_prefix: model up to the hook once per batch; full: K full forwards.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--dtype", type=click.Choice(["store", "auto", "float32", "bfloat16", "float16"]), default="store",
-              show_default=True,
-              help="LM compute dtype. store: the dtype the store was harvested with; auto: bfloat16 where the device "
-                   "runs it natively and faster, else float32.")
-@click.option("--cache-dir", default=None, help="Clean/ablation CE cache [~/.cache/saeforge/eval].")
-@click.option("--force", is_flag=True, help="Evaluate again even runs whose eval.json is up to date.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def eval_cmd(runs, tokens, batch_size, model, strategy, device, dtype, cache_dir, force, quiet):
+@click.argument("runs", nargs=-1, type=click.Path(file_okay=False))
+@with_options(table_options("eval"), [
+    click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help=CONFIG_HELP),
+    click.option("--force", is_flag=True, help="Evaluate again even runs whose eval.json is up to date."),
+    click.option("--quiet", is_flag=True, help="No progress bar.")])
+def eval_cmd(runs, config_file, force, quiet, **flags):
     """Evaluate SAE run directories by splicing their reconstructions into the LM.
 
     On the held-out text of each run's training store (same context size and special-token rules), reports
@@ -57,18 +51,29 @@ def eval_cmd(runs, tokens, batch_size, model, strategy, device, dtype, cache_dir
     Rerunning is a no-op for a run whose eval.json was made with the same settings, weights and store: it
     is reported as up to date (its summary is read back from eval.json; no LM is loaded when every run is).
 
+    Every option is also a key of the --config file's [eval] table. Without RUNS, eval takes the runs of the
+    file's top-level `out` (every run of a sweep directory, or the one run directory).
+
         saeforge eval runs/sweep1/* --tokens 262144
     """
     errors = _domain_errors()
-    from saeforge.pipeline.eval_runs import EvalConfig, evaluate_runs
+    from saeforge.pipeline.evaluate import EvalConfig, evaluate_runs
 
     try:
-        cfg = EvalConfig(tokens=tokens, batch_size=batch_size, model=model, strategy=strategy, device=device,
-                         dtype=dtype, cache_dir=cache_dir)
-        records = evaluate_runs(list(runs), cfg, progress=not quiet, force=force)
+        file = read_config(config_file)
+        cfg = build_config(EvalConfig, file.get("eval"), given(flags, "eval"))
+        records = evaluate_runs(list(runs) or _runs_in(file.out), cfg, progress=not quiet, force=force)
     except errors as e:
         raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     click.echo(json.dumps([_summary(r) for r in records], indent=2))
+
+
+def _runs_in(out: str | None) -> list[Path]:
+    """The run directories of a config file's `out`: a sweep's runs (sweep.json), or `out` itself."""
+    if not out:
+        raise click.UsageError("no runs given: pass RUN directories, or --config with a top-level `out`")
+    index = Path(out) / "sweep.json"
+    return [Path(out) / name for name in json.loads(index.read_text())["runs"]] if index.is_file() else [Path(out)]
 
 
 @click.command()

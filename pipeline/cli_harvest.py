@@ -5,50 +5,20 @@ import json
 
 import click
 
+from saeforge.trainer.options import (CONFIG_HELP, build_config, fields_of, given, read_config, table_options,
+                                      with_options)
 
-def _csv(value: str | None, cast=str) -> tuple:
-    if not value:
-        return ()
-    try:
-        return tuple(cast(v.strip()) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected a comma-separated list, got {value!r}") from None
+HARVEST_OPTIONS = table_options("harvest")
 
 
 @click.command()
-@click.option("--out", required=True, help="Store path or fsspec URL (rerun the same command to resume it).")
-@click.option("--model", default="smollm2-135m", show_default=True,
-              help="smollm2-135m (offline), a HF name, a local HF model directory, or a .gguf file.")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
-@click.option("--dtype", "lm_dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="dtype of the LM compute (auto: bfloat16 where the device runs it natively "
-                                      "and faster, else float32).")
-@click.option("--hooks", default=None, help="Comma-separated full hook names, e.g. blocks.10.hook_resid_post.")
-@click.option("--layers", default=None, help="Comma-separated layers, with --sites, e.g. 6,10.")
-@click.option("--sites", default=None,
-              help="Comma-separated sites: resid_pre, resid_mid, resid_post, mlp_out, attn_out, attn.hook_z.")
-@click.option("--dataset", default="shakespeare", show_default=True,
-              help="shakespeare (offline), local txt/jsonl/parquet files, a directory or glob, or a HF "
-                   "datasets name (name, name:config, name@revision; streamed).")
-@click.option("--split", default="train", show_default=True, help="Split of a HF dataset.")
-@click.option("--text-column", default="text", show_default=True, help="Text column (jsonl, parquet, HF).")
-@click.option("--context-size", default=128, show_default=True, help="Tokens per window, BOS included.")
-@click.option("--bos/--no-bos", "prepend_bos", default=True, show_default=True, help="Start each window with BOS.")
-@click.option("--special-tokens", "special_token_rule", type=click.Choice(["exclude", "keep"]), default="exclude",
-              show_default=True, help="Store rows at special-token positions (BOS, EOS, pad) or not.")
-@click.option("--heldout-every", default=20, show_default=True,
-              help="Every Nth window of the text is held out for evaluation and never stored.")
-@click.option("--tokens", default=100_000, show_default=True, help="Rows (token positions) to store.")
-@click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
-@click.option("--store-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
-              show_default=True, help="dtype of the stored activations.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the store's global shuffle.")
-@click.option("--writer-memory-mb", default=1024, show_default=True, help="Memory bound of the shuffling writer.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a summary.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def harvest(out, model, device, lm_dtype, hooks, layers, sites, dataset, split, text_column, context_size,
-            prepend_bos, special_token_rule, heldout_every, tokens, batch_size, store_dtype, seed,
-            writer_memory_mb, as_json, quiet):
+@with_options(HARVEST_OPTIONS, [
+    click.option("--writer-memory-mb", type=int, help="writer_memory_bytes in MiB (wins over it)."
+                 f"  [default: {fields_of('harvest')['writer_memory_bytes'].default >> 20}]"),
+    click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help=CONFIG_HELP),
+    click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a summary."),
+    click.option("--quiet", is_flag=True, help="No progress bar.")])
+def harvest(config_file, writer_memory_mb, as_json, quiet, **flags):
     """Run the LM over text once and store the activations of every requested hook.
 
     All hooks come from ONE forward pass per batch that stops after the deepest requested layer. Rows at
@@ -56,7 +26,9 @@ def harvest(out, model, device, lm_dtype, hooks, layers, sites, dataset, split, 
     evaluation can draw unseen text. The store is globally shuffled, compressed and self-describing
     (provenance: model and hash, tokenizer, hooks, dataset and files, rules, seed). Interrupted? Rerun
     the same command: it resumes without recomputing what was staged; on a complete store it does nothing.
-    Example:
+
+    Every option is also a key of the --config file's [harvest] table, lists as TOML lists (`layers = [10]`),
+    except --out: the file's top-level `store` is the store harvest writes. Example:
 
         saeforge harvest --layers 10 --sites resid_post,mlp_out --tokens 1000000 --out stores/l10
     """
@@ -70,13 +42,16 @@ def harvest(out, model, device, lm_dtype, hooks, layers, sites, dataset, split, 
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    out = None
     try:
-        cfg = HarvestConfig(out=out, model=model, device=device, lm_dtype=lm_dtype, hooks=_csv(hooks),
-                            layers=_csv(layers, int), sites=_csv(sites), dataset=dataset, split=split,
-                            text_column=text_column, context_size=context_size, prepend_bos=prepend_bos,
-                            special_token_rule=special_token_rule, heldout_every=heldout_every, tokens=tokens,
-                            batch_size=batch_size, store_dtype=store_dtype, seed=seed,
-                            writer_memory_bytes=writer_memory_mb << 20)
+        file = read_config(config_file)
+        values = {**file.get("harvest"), **given(flags, "harvest")}
+        out = values.setdefault("out", file.store)
+        if not out:
+            raise ValueError("no store path given: pass --out PATH or set the top-level `store` in the config file")
+        if writer_memory_mb is not None:
+            values["writer_memory_bytes"] = writer_memory_mb << 20
+        cfg = build_config(HarvestConfig, values)
         result = run_harvest(cfg, progress=not quiet)
     except (HarvestError, ModelLoadError, HookError, DatasetError, StoreError, ValueError) as e:
         raise click.ClickException(str(e)) from None

@@ -1,6 +1,9 @@
-"""`saeforge train` and `saeforge sweep`. Options come from flags or a TOML file: defaults < file < flags.
+"""`saeforge train` and `saeforge sweep`. Every option is a field of `SAEConfig` or `TrainConfig`, generated from
+the dataclass (`trainer/options.py`); `--config FILE.toml` takes the same keys in its [sae] and [train] tables
+(and a sweep's [grid] and [[saes]]): defaults < file < flags.
 
-Only click is imported at module level, so `--help` stays instant.
+Only click is imported at module level (the options are read from the dataclasses' source), so `--help` stays
+instant.
 """
 from __future__ import annotations
 
@@ -8,48 +11,20 @@ import json
 
 import click
 
-TRAIN_FLAGS = [
-    click.option("--steps", type=int, help="Optimiser steps [300000]."),
-    click.option("--batch-rows", type=int, help="Activations per step [4096]."),
-    click.option("--lr-warmup-steps", type=int, help="Linear LR warm-up [1000]."),
-    click.option("--l1-warmup-steps", type=int, help="Linear lambda warm-up [0: off]."),
-    click.option("--loss-scaling", type=click.Choice(["paper", "per_dim", "sum"]),
-                 help="Reconstruction-term scaling [paper: /n, baselines also /E||x||^2]."),
-    click.option("--resample-every", type=int, help="Resample dead features every N steps [25000; 0: off]."),
-    click.option("--resample-rows", type=int, help="Inputs scored for resampling [819200]."),
-    click.option("--autocast", type=click.Choice(["auto", "none", "bf16"]),
-                 help="Mixed precision [auto: bf16 where the device runs it natively and faster, else none]."),
-    click.option("--device", help="auto, cpu, cuda, cuda:N [auto]."),
-    click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the loss [off]."),
-    click.option("--stack-mib", type=int, help="Max MiB of one stacked (K, rows, d_sae) activation [0: auto]."),
-    click.option("--log-every", type=int, help="Steps between metrics lines [100]."),
-    click.option("--checkpoint-every", type=int, help="Steps between checkpoints [5000]."),
-    click.option("--data-seed", type=int, help="Loader chunk-order seed [0]."),
-    click.option("--store", "store", help="Activation store (path or URL)."),
-    click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-                 help="TOML file with any of these options (flags win)."),
+from saeforge.trainer.options import (CONFIG_HELP, GRID_AXES, build_config, fields_of, given, read_config,
+                                      table_options, with_options)
+
+SOURCE = [
+    click.option("--store", help="Activation store (path or URL) [the config file's top-level `store`]."),
+    click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help=CONFIG_HELP),
+]
+TAIL = [
     click.option("--resume", is_flag=True,
                  help="Insist on continuing a run (rerunning a command resumes a partial run and skips a complete one "
                       "anyway)."),
     click.option("--quiet", is_flag=True, help="No progress bar."),
 ]
-
-
-def _options(decorators):
-    def apply(fn):
-        for deco in reversed(decorators):
-            fn = deco(fn)
-        return fn
-    return apply
-
-
-def _split_flags(kwargs: dict) -> tuple[dict, dict]:
-    """(train-config flags, other flags) with unset (None) flags dropped."""
-    from saeforge.trainer.config import TRAIN_FIELDS
-
-    train = {k: v for k, v in kwargs.items() if k in TRAIN_FIELDS and v is not None}
-    rest = {k: v for k, v in kwargs.items() if k not in TRAIN_FIELDS}
-    return train, rest
+TRAIN_OPTIONS = table_options("train", skip=("hook",))
 
 
 def _fail(exc: Exception) -> click.ClickException:
@@ -74,81 +49,87 @@ def _run(store, saes, train, out, *, sweep, resume, quiet):
 
 
 @click.command()
-@_options(TRAIN_FLAGS)
-@click.option("--hook", help="Hook point (store array) to train on.")
-@click.option("--out", help="Run directory (rerun the same command to resume it; a complete run is left as is).")
-@click.option("--arch", type=click.Choice(["baseline", "gated"]), help="Architecture [gated].")
-@click.option("--d-sae", type=int, help="Dictionary width [4608].")
-@click.option("--l1", "l1_coefficient", type=float, help="Sparsity coefficient lambda [1e-3].")
-@click.option("--lr", type=float, help="Peak learning rate [3e-4].")
-@click.option("--seed", type=int, help="Initialisation and resampling seed [0].")
-@click.option("--regime", type=click.Choice(["paper", "anthropic"]), help="Loss/constraint regime [paper].")
+@with_options(SOURCE, table_options("train", only=("hook",)), [
+    click.option("--out", help="Run directory [the config file's top-level `out`] (rerun the same command to resume "
+                               "it; a complete run is left as is).")],
+    table_options("sae", skip=("hook",)), TRAIN_OPTIONS, TAIL)
 def train(config_file, out, resume, quiet, store, **flags):
     """Train one SAE on a store's activations; writes a run directory (cfg.json, sae_weights.safetensors,
     metrics.jsonl, checkpoint.pt) and prints a JSON summary.
 
+    Every option below is also a key of the --config file: the SAE's in its [sae] table, the run's in [train]
+    (`--l1` is `l1_coefficient`), `store` and `out` at the top level. The same file seeds `saeforge sweep`.
+
     Example: saeforge train --store acts.zarr --hook blocks.1.hook_resid_post --arch gated --l1 1e-3
     --out runs/g1"""
-    from saeforge.trainer.config import SAEConfig, TrainConfig, build, read_toml, split_fields
+    from saeforge.trainer.config import SAEConfig, TrainConfig
 
-    file = read_toml(config_file) if config_file else {}
-    file_store, file_out = file.pop("store", None), file.pop("out", None)
-    store, out = store or file_store, out or file_out
-    train_flags, rest = _split_flags(flags)
     try:
-        file_sae, file_train = split_fields(file)
-        sae = build(SAEConfig, file_sae, {k: v for k, v in rest.items() if v is not None}, where="SAE options")
-        cfg = build(TrainConfig, file_train, train_flags, where=config_file or "options")
+        file = read_config(config_file)
+        sae = build_config(SAEConfig, file.get("sae"), given(flags, "sae"))
+        cfg = build_config(TrainConfig, file.get("train"), given(flags, "train"))
     except ValueError as exc:
         raise _fail(exc) from None
-    _run(store, [sae], cfg, out, sweep=False, resume=resume, quiet=quiet)
+    _run(store or file.store, [sae], cfg, out or file.out, sweep=False, resume=resume, quiet=quiet)
 
 
 @click.command()
-@_options(TRAIN_FLAGS)
-@click.option("--hook", "hooks", multiple=True,
-              help="Hook point(s) to train on (repeatable: one read of each batch feeds the SAEs of every hook).")
-@click.option("--out", help="Sweep directory: sweep.json plus one run directory per SAE (rerun to resume).")
-@click.option("--arch", "archs", multiple=True, type=click.Choice(["baseline", "gated"]),
-              help="Architectures (repeat the flag) [gated].")
-@click.option("--d-sae", "d_saes", multiple=True, type=int, help="Widths (repeatable) [4608].")
-@click.option("--l1", "l1s", multiple=True, type=float, help="Lambdas (repeatable).")
-@click.option("--l1-baseline", "l1s_baseline", multiple=True, type=float,
-              help="Lambdas for baseline SAEs only (repeatable; default: --l1).")
-@click.option("--seed", "seeds", multiple=True, type=int, help="Seeds (repeatable) [0].")
-@click.option("--lr", type=float, help="Peak learning rate of every SAE [3e-4].")
-@click.option("--equal-compute/--no-equal-compute", default=None,
-              help="Baseline SAEs get 1.5x the given width (the paper's equal-compute comparison).")
-def sweep(config_file, out, resume, quiet, store, hooks, archs, d_saes, l1s, l1s_baseline, seeds, lr, equal_compute,
-          **flags):
-    """Train many SAEs (grid of arch x width x lambda x seed, plus [[sae]] entries of the TOML file) on the
-    same batches in one pass over the store; SAEs of one shape train as one batched module.
+@with_options(SOURCE, [
+    click.option("--hook", "hooks", multiple=True,
+                 help=fields_of("train")["hook"].doc + " Repeatable: one read of each batch feeds the SAEs of "
+                      "every hook (the grid's `hook` list)."),
+    click.option("--out", help="Sweep directory: sweep.json plus one run directory per SAE [the config file's "
+                               "top-level `out`] (rerun to resume).")],
+    table_options("sae", only=GRID_AXES[1:], multiple=True, dest="grid"), [
+    click.option("--l1-coefficient-baseline", "--l1-baseline", "grid__l1_coefficient_baseline", multiple=True,
+                 type=float, help="Lambdas for baseline SAEs only (repeatable)  [default: the l1_coefficient list]"),
+    click.option("--equal-compute/--no-equal-compute", "grid__equal_compute", default=None,
+                 help="Baseline SAEs of the grid get 1.5x its width (the paper's equal-compute comparison)."
+                      "  [default: false]")],
+    table_options("sae", skip=(*GRID_AXES, "name")), TRAIN_OPTIONS, TAIL)
+def sweep(config_file, out, resume, quiet, store, hooks, **flags):
+    """Train many SAEs (grid of hook x arch x width x lambda x seed, plus [[saes]] entries of the config file) on
+    the same batches in one pass over the store; SAEs of one shape train as one batched module.
 
     Lambdas are in the paper's units (arXiv 2404.16014 App. D.1: loss on raw activations, reconstruction / n,
     and / E||x||^2 for baselines), whatever the store's normalisation. Several --hook values train the grid at
-    every hook (per-hook lambdas: [[sae]] entries with `hook` in the TOML file). Rerunning the same command
+    every hook (per-hook lambdas: [[saes]] entries with `hook` in the config file). Rerunning the same command
     resumes an interrupted sweep and leaves a complete one as it is.
+
+    The --config file is the one `saeforge train` reads: every SAE starts from its [sae] table (and the SAE
+    flags), [grid] holds the lists the repeatable flags give (plus l1_coefficient_baseline and equal_compute),
+    [[saes]] entries replace keys of [sae], [train] is the run. With no grid and no entries the sweep trains
+    the file's one SAE.
 
     Example: saeforge sweep --store acts.zarr --hook blocks.1.hook_resid_post --arch gated --arch baseline
     --l1 1e-3 --l1 3e-3 --l1-baseline 1e-4 --d-sae 4096 --equal-compute --out runs/sweep1"""
-    from saeforge.trainer.config import TrainConfig, build, read_toml
-    from saeforge.trainer.sweep import expand_sweep
+    from saeforge.trainer.config import TrainConfig
 
-    file = read_toml(config_file) if config_file else {}
-    store, out = store or file.get("store"), out or file.get("out")
-    train_flags, _ = _split_flags(flags)
-    if len(hooks) == 1:
-        train_flags["hook"] = hooks[0]
-    grid_flags = {"hook": list(hooks) if len(hooks) > 1 else None, "arch": list(archs) or None, "d_sae": list(d_saes) or None, "l1_coefficient": list(l1s) or None,
-                  "l1_coefficient_baseline": list(l1s_baseline) or None, "seed": list(seeds) or None, "lr": lr}
     try:
-        unknown = sorted(set(file) - {"store", "out", "train", "grid", "sae", "equal_compute"})
-        if unknown:
-            raise ValueError(f"unknown key(s) in {config_file}: {', '.join(unknown)} "
-                             "(valid: store, out, equal_compute, [train], [grid], [[sae]])")
-        cfg = build(TrainConfig, file.get("train", {}), train_flags, where=f"{config_file} [train]")
-        eq = equal_compute if equal_compute is not None else bool(file.get("equal_compute", False))
-        saes = expand_sweep(file.get("grid", {}), grid_flags, file.get("sae", []), equal_compute=eq)
+        file = read_config(config_file)
+        train_flags, grid = given(flags, "train"), {**file.get("grid"), **given(flags, "grid")}
+        if len(hooks) == 1:
+            train_flags["hook"] = hooks[0]
+        elif hooks:
+            grid["hook"] = list(hooks)
+        cfg = build_config(TrainConfig, file.get("train"), train_flags)
+        saes = _sweep_saes({**file.get("sae"), **given(flags, "sae")}, grid, file.saes)
     except ValueError as exc:
         raise _fail(exc) from None
-    _run(store, saes, cfg, out, sweep=True, resume=resume, quiet=quiet)
+    _run(store or file.store, saes, cfg, out or file.out, sweep=True, resume=resume, quiet=quiet)
+
+
+def _sweep_saes(base: dict, grid: dict, entries: list[dict]) -> list:
+    """The sweep's SAEs: [sae] (`base`) expanded over the grid, then one per [[saes]] entry on top of `base`."""
+    from saeforge.trainer.config import SAEConfig
+    from saeforge.trainer.grid import expand_sweep
+
+    equal_compute = bool(grid.pop("equal_compute", False))
+    name = base.pop("name", None)
+    explicit = [{**base, **entry} for entry in entries]
+    if not grid and not explicit:
+        return [SAEConfig(**base, name=name)]  # a train file seeds a sweep unchanged
+    if name is not None:
+        raise ValueError(f"sae.name = {name!r} would name every SAE of the sweep alike; name [[saes]] entries "
+                         "instead (grid SAEs are named by hook, arch, width, lambda and seed)")
+    return expand_sweep({**base, **grid} if grid else {}, {}, explicit, equal_compute=equal_compute)

@@ -8,13 +8,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 Arch = Literal["baseline", "gated"]
 Regime = Literal["paper", "anthropic"]
@@ -244,7 +238,8 @@ def json_ready(obj):
 
 
 def build(cls, *layers: dict[str, Any], where: str = "config"):
-    """`cls(**merged)` with later layers winning (defaults < file < flags); unknown keys are an error."""
+    """`cls(**merged)` with later layers winning; unknown keys are an error (sweep SAEs, `trainer/grid.py`;
+    config files and flags go through `trainer/options.py`)."""
     names = {f.name for f in dataclasses.fields(cls)}
     merged: dict[str, Any] = {}
     for layer in layers:
@@ -257,22 +252,4 @@ def build(cls, *layers: dict[str, Any], where: str = "config"):
     return cls(**merged)
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """Parse a TOML file; errors name the file."""
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ValueError(f"cannot read config file {path}: {exc}") from exc
-
-
 SAE_FIELDS = frozenset(f.name for f in dataclasses.fields(SAEConfig))
-TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
-
-
-def split_fields(d: dict[str, Any]) -> tuple[dict, dict]:
-    """Split a flat dict into (SAEConfig keys, TrainConfig keys); the rest raises in `build`."""
-    sae = {k: v for k, v in d.items() if k in SAE_FIELDS}
-    train = {k: v for k, v in d.items() if k not in SAE_FIELDS}
-    return sae, train
-

@@ -17,7 +17,6 @@ held-out split :mod:`saeforge.pipeline.windows`; imports flow data <- tokenizati
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from saeforge.pipeline.errors import DatasetError
+from saeforge.stores.files import sha256_file
 
 __all__ = ["DatasetError", "cache_dir", "describe_dataset", "iter_documents", "shakespeare_files"]
 
@@ -38,14 +38,6 @@ LOCAL_SUFFIXES = {".txt", ".jsonl", ".json", ".parquet"}
 def cache_dir() -> Path:
     """Where saeforge caches dequantised models and datasets (``$SAEFORGE_CACHE`` or ~/.cache/saeforge)."""
     return Path(os.environ.get("SAEFORGE_CACHE") or Path.home() / ".cache" / "saeforge")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shakespeare_files() -> list[Path]:

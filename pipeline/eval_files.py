@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from saeforge.pipeline.splice import AblationCE
-from saeforge.trainer.io import WEIGHTS_FILE, write_atomic
+from saeforge.stores.files import sha256_file, write_atomic
+from saeforge.trainer.io import WEIGHTS_FILE
 
 EVAL_FILE = "eval.json"
 EVAL_FORMAT = 2
@@ -37,14 +38,6 @@ def digest(*parts) -> str:
     h = hashlib.sha256()
     for p in parts:
         h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     return h.hexdigest()
 
 
@@ -87,7 +80,7 @@ def run_identity(config: dict, run_dir: Path, store_attrs: dict) -> dict:
     """What eval.json's numbers depend on: settings, the run's weights, the store (see the module docstring)."""
     settings = {k: v for k, v in config.items() if k not in NOT_IN_IDENTITY}
     ident = {"eval_format": EVAL_FORMAT, "config": settings,
-             "weights_sha256": file_sha256(Path(run_dir) / WEIGHTS_FILE), "store_sha256": digest(store_attrs)}
+             "weights_sha256": sha256_file(Path(run_dir) / WEIGHTS_FILE), "store_sha256": digest(store_attrs)}
     return json.loads(json.dumps(ident))  # as it reads back from eval.json
 
 

@@ -28,6 +28,7 @@ from saeforge.pipeline import metrics as M
 from saeforge.pipeline.errors import ConfigError, DatasetError, EvalError
 from saeforge.pipeline.splice import HookResult, SpliceResult, Strategy, evaluate_hooks
 from saeforge.pipeline.provenance import Provenance, TextProvenance
+from saeforge.stores.progress import progress_bar
 from saeforge.trainer.device import DTYPE_CHOICES, resolve_device, resolve_dtype
 
 EVAL_FILE, EVAL_FORMAT = F.EVAL_FILE, F.EVAL_FORMAT
@@ -220,8 +221,6 @@ def _compute(store, prov: Provenance, runs, cfg: EvalConfig, spec: str, lms: dic
              meta: dict) -> dict[str, dict]:
     """Evaluate `runs` (all on `store`, whose provenance is `prov`) with resolved settings `cfg`; write and return
     their eval.json records."""
-    from tqdm import tqdm
-
     from saeforge.pipeline.lm import load_lm
 
     if (spec, cfg.dtype, cfg.device) not in lms:
@@ -239,7 +238,7 @@ def _compute(store, prov: Provenance, runs, cfg: EvalConfig, spec: str, lms: dic
     by_hook = {h: [sae.to(lm.device) for sae, info in runs if info.hook_name == h] for h in hooks}
     batches = list(zip(windows_WP.split(cfg.batch_size), kept_WP.split(cfg.batch_size)))
     t0 = time.perf_counter()
-    with tqdm(total=windows_WP.numel(), unit="tok", desc="eval", file=sys.stderr, disable=not progress) as bar:
+    with progress_bar(windows_WP.numel(), desc="eval", unit="tok", enabled=progress) as bar:
         results = evaluate_hooks(lm.bridge, batches, by_hook, means=means, known=known,
                                  strategy=cfg.strategy, progress=bar.update)
     for h in hooks:

@@ -25,8 +25,10 @@ from saeforge.pipeline.batches import Batch, check_rows_available, window_batche
 from saeforge.pipeline.data import describe_dataset
 from saeforge.pipeline.errors import ConfigError, HarvestError
 from saeforge.pipeline.provenance import Provenance, TextProvenance
-from saeforge.pipeline.sink import AsyncSink, prefetch
+from saeforge.pipeline.sink import AsyncSink
 from saeforge.pipeline.windows import WindowRules
+from saeforge.stores.background import Prefetcher
+from saeforge.stores.progress import progress_bar
 
 __all__ = ["HarvestConfig", "HarvestError", "HarvestResult", "harvest", "harvest_provenance"]
 
@@ -203,16 +205,18 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
                          provenance=prov.to_json(), memory_limit_bytes=cfg.writer_memory_bytes, progress=progress)
     with writer as w:
         skip = w.rows_staged
-        bar = _progress_bar(cfg.tokens, skip, progress)
+        bar = progress_bar(cfg.tokens, desc="harvest", unit="tok", enabled=progress, initial=skip, unit_scale=True,
+                           smoothing=0.1)
         sink = AsyncSink(w, lm.device, cfg.store_dtype, cfg.queue_batches, bar)
         t1 = time.perf_counter()
         try:
-            batches = prefetch(window_batches(prov.text, lm.tokenizer, cfg.batch_size, cfg.tokens, skip=skip,
-                                              pin=sink.cuda), depth=4)
-            passes, forwarded = run_batches(lm, hooks, batches, sink, skip, on_batch)
+            # tokenisation and packing run ahead in a thread, which stops when the loop does (whatever ends it)
+            with Prefetcher(window_batches(prov.text, lm.tokenizer, cfg.batch_size, cfg.tokens, skip=skip,
+                                           pin=sink.cuda), depth=4, name="saeforge-tokenize") as batches:
+                passes, forwarded = run_batches(lm, hooks, batches, sink, skip, on_batch)
         finally:
             sink.close()
-            bar and bar.close()
+            bar.close()
         t2 = time.perf_counter()
     t3 = time.perf_counter()
     store = open_store(cfg.out)
@@ -313,14 +317,3 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc="harvest", file=sys.stderr,
-                smoothing=0.1)

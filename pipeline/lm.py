@@ -21,7 +21,6 @@ import difflib
 import hashlib
 import importlib.metadata
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch
 
 from saeforge.pipeline.data import cache_dir
 from saeforge.pipeline.errors import HookError, ModelLoadError
+from saeforge.stores.files import sha256_file
+from saeforge.stores.schema import hook_layer
 
 OFFLINE_MODELS = {
     "smollm2-135m": {
@@ -54,7 +55,6 @@ SITES = {
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,15 +88,11 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def file_sha256(path: str | os.PathLike, _memo: dict = {}) -> str:  # noqa: B006 (process-wide memo)
-    """sha256 of a file, memoised per (path, size, mtime) within the process."""
+    """sha256 of a file (``stores.files.sha256_file``), memoised per (path, size, mtime) within the process."""
     st = os.stat(path)
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     if key not in _memo:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _memo[key] = h.hexdigest()
+        _memo[key] = sha256_file(path)
     return _memo[key]
 
 
@@ -208,14 +204,6 @@ def wrap_hf_model(model, tokenizer, *, name: str, source: str, info: dict | None
     return LoadedLM(bridge=bridge, tokenizer=tokenizer, name=name, info=info, device=device, dtype=dtype)
 
 
-def hook_layer(name: str) -> int:
-    """Layer index of a block hook name: ``blocks.10.hook_resid_post`` -> 10."""
-    m = _LAYER_RE.match(name)
-    if not m:
-        raise HookError(f"hook {name!r} is not inside a block (expected blocks.<layer>.<site>)")
-    return int(m.group(1))
-
-
 def valid_hook_names(lm: LoadedLM) -> list[str]:
     """Every hook point name on the model's bridge, sorted."""
     return sorted(lm.bridge.hook_dict)
@@ -257,10 +245,10 @@ def resolve_hooks(lm: LoadedLM, hooks: list[str] | None = None, layers: list[int
 
 def stop_layer(hooks: list[str]) -> int | None:
     """``stop_at_layer`` for one pass that reaches every hook: the deepest block + 1 (None: run it all)."""
-    try:
-        return max(hook_layer(h) for h in hooks) + 1
-    except HookError:
+    layers = [hook_layer(h) for h in hooks]
+    if not layers or None in layers:
         return None  # a hook outside the blocks (hook_embed, ln_final...) needs the full pass
+    return max(layers) + 1
 
 
 def capture(lm: LoadedLM, token_ids: torch.Tensor, hooks: list[str],

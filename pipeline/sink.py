@@ -1,15 +1,15 @@
-"""The hand-off from the LM thread to the store writer: :class:`AsyncSink` and :func:`prefetch`.
+"""The hand-off from the LM thread to the store writer: :class:`AsyncSink`.
 
 :class:`AsyncSink` calls ``StoreWriter.append`` once per batch from a background thread behind a bounded
 queue, so compression and staging overlap the next forward pass; on CUDA it stages rows through a small
-ring of reusable pinned host buffers. :func:`prefetch` runs the tokenisation and packing of the next
-batches in another thread.
+ring of reusable pinned host buffers. (The tokenisation and packing of the next batches run in another
+thread too: ``saeforge.stores.background.Prefetcher``, in ``harvest``.)
 """
 from __future__ import annotations
 
 import queue
 import threading
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -107,23 +107,3 @@ def _kept_rows(acts_BPD: torch.Tensor, kept_idx: torch.Tensor | None) -> torch.T
     """(rows, d): the rows at ``kept_idx`` of the flattened (batch·pos) positions (None: every position, a view)."""
     acts_ND = acts_BPD.flatten(0, 1)
     return acts_ND if kept_idx is None else acts_ND.index_select(0, kept_idx)
-
-
-def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
-    """Run ``iterator`` (tokenisation, packing) in a thread, ``depth`` items ahead of the consumer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-
-    def produce():
-        try:
-            for item in iterator:
-                q.put(item)
-            q.put(done)
-        except BaseException as e:  # noqa: BLE001 (re-raised in the consumer)
-            q.put(e)
-
-    threading.Thread(target=produce, name="saeforge-tokenize", daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item

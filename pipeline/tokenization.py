@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import re
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from saeforge.pipeline.data import cache_dir, iter_documents
+from saeforge.stores.files import atomic_path
 
 TOKENIZE_BATCH = 64
 """Documents (or pieces of a long one) tokenised per call: fast tokenizers parallelise over them..."""
@@ -184,16 +184,15 @@ class TokenCache:
                 break
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"{self.key}.{n_docs}.{'full' if complete else 'part'}.npy"
-        tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(len(self.ids) + got,))
-        out[:len(self.ids)] = self.ids
-        pos = len(self.ids)
-        for ids in new:
-            out[pos:pos + len(ids)] = ids
-            pos += len(ids)
-        out.flush()
-        del out
-        os.replace(tmp, final)
+        with atomic_path(final) as tmp:  # renamed over `final` once complete: readers never see a partial file
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(len(self.ids) + got,))
+            out[:len(self.ids)] = self.ids
+            pos = len(self.ids)
+            for ids in new:
+                out[pos:pos + len(ids)] = ids
+                pos += len(ids)
+            out.flush()
+            del out
         for _, _, old in self._files():
             if old != final:
                 old.unlink(missing_ok=True)

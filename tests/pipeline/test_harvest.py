@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -114,6 +115,21 @@ def test_a_different_config_on_an_incomplete_store_is_refused_by_name(cfg, lm):
     assert (Path(cfg.out) / "zarr.json").read_bytes() == zarr_json
     with pytest.raises(HarvestError, match="already a complete store of another harvest.*tokens: store has 600"):
         harvest(replace(cfg, tokens=700), lm=lm, progress=False)
+
+
+def test_a_failing_consumer_leaves_no_tokenizer_thread_behind(cfg, lm):
+    """The thread that tokenises ahead stops when the LM loop dies (it used to block forever on a full queue)."""
+    def alive():
+        return [t for t in threading.enumerate() if t.name == "saeforge-tokenize" and t.is_alive()]
+
+    assert not alive()
+    with pytest.raises(RuntimeError, match="stop"):
+        harvest(replace(cfg, tokens=1500), lm=lm, progress=False,
+                on_batch=lambda b: (_ for _ in ()).throw(RuntimeError("stop")))
+    deadline = time.time() + 10
+    while alive() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not alive()
 
 
 KILLABLE = textwrap.dedent("""

@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from saeforge.pipeline.lm import (HookError, ModelLoadError, capture, hook_dims, hook_layer, load_lm,
-                                  resolve_hooks, stop_layer)
+from saeforge.pipeline.lm import HookError, ModelLoadError, capture, hook_dims, load_lm, resolve_hooks, stop_layer
 
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out",
          "blocks.1.hook_attn_out", "blocks.1.attn.hook_z"]
@@ -39,13 +38,9 @@ def test_load_lm_rejects_a_directory_without_config(tmp_path):
         load_lm(str(tmp_path), device="cpu")
 
 
-def test_hook_layer():
-    assert hook_layer("blocks.10.hook_resid_post") == 10
-    assert hook_layer("blocks.0.attn.hook_z") == 0
-    with pytest.raises(HookError):
-        hook_layer("hook_embed")
+def test_stop_layer_is_the_deepest_block_plus_one_or_none_outside_blocks():
     assert stop_layer(["blocks.0.hook_resid_post", "blocks.2.hook_mlp_out"]) == 3
-    assert stop_layer(["hook_embed"]) is None
+    assert stop_layer(["hook_embed"]) is None and stop_layer(["blocks.0.hook_resid_post", "hook_embed"]) is None
 
 
 def test_resolve_hooks_expands_layers_and_sites(lm):

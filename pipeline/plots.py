@@ -15,8 +15,8 @@ import math
 import sys
 from pathlib import Path
 
-SWEEP_FILE = "sweep.json"
-EVAL_FILE = "eval.json"
+from saeforge.trainer.rundir import EVAL_FILE, METRICS_FILE, eval_path, read_metrics, read_record, sweep_run_dirs
+
 CI_COLUMNS = {"loss recovered [95% CI]": "loss_recovered_ci95",
               "loss recovered, mean abl. [95% CI]": "loss_recovered_mean_ci95", "ΔCE [95% CI]": "delta_ce_ci95"}
 """Table column -> eval.json metric holding a [lo, hi] interval."""
@@ -33,10 +33,8 @@ class PlotError(ValueError):
 
 
 def _run_dirs(sweep_dir: Path) -> list[Path]:
-    listing = sweep_dir / SWEEP_FILE
-    if listing.is_file():
-        return [sweep_dir / name for name in json.loads(listing.read_text()).get("runs", [])]
-    return sorted(p for p in sweep_dir.iterdir() if (p / EVAL_FILE).is_file())
+    listed = sweep_run_dirs(sweep_dir)
+    return listed if listed is not None else sorted(p for p in sweep_dir.iterdir() if eval_path(p).is_file())
 
 
 def load_sweep(sweep_dir: str | Path) -> list[dict]:
@@ -48,12 +46,11 @@ def load_sweep(sweep_dir: str | Path) -> list[dict]:
     dirs = _run_dirs(sweep_dir)
     rows, missing = [], []
     for d in dirs:
-        if not (d / EVAL_FILE).is_file():
+        if not eval_path(d).is_file():
             missing.append(d.name)
             continue
-        ev = json.loads((d / EVAL_FILE).read_text())
-        cfg_path = d / "cfg.json"
-        sae_cfg = json.loads(cfg_path.read_text()).get("saeforge", {}).get("sae", {}) if cfg_path.is_file() else {}
+        ev = json.loads(eval_path(d).read_text())
+        sae_cfg = read_record(d).get("sae", {})
         rows.append({"run": d.name, "architecture": ev["architecture"], "hook": ev["hook"],
                      "l1_coefficient": sae_cfg.get("l1_coefficient"), "lm_dtype": ev.get("lm_dtype"),
                      **ev["metrics"], "eval": ev})
@@ -173,17 +170,16 @@ def plot_density(row: dict, path: Path) -> Path:
     return _save(fig, path, 100)
 
 
-CURVES = [("l0", "L0", True), ("explained_variance", "explained variance", False), ("gamma", "γ", False),
-          ("dead_fraction", "dead fraction", False)]
+CURVES = [("l0", "L0", True), ("explained_variance_window", "explained variance (per logging window)", False),
+          ("gamma", "γ", False), ("dead_fraction", "dead fraction", False)]
+"""metrics.jsonl key, panel title, log y axis. The training explained variance is a per-window quantity, not
+eval.json's (saeforge.trainer.rundir defines both)."""
 
 
 def plot_training_curves(rows: list[dict], sweep_dir: Path, path: Path) -> Path | None:
-    """L0, explained variance, γ and dead fraction against step for every run with a metrics.jsonl."""
-    runs = []
-    for r in rows:
-        f = sweep_dir / r["run"] / "metrics.jsonl"
-        if f.is_file():
-            runs.append((r, [json.loads(line) for line in f.read_text().splitlines() if line.strip()]))
+    """L0, explained variance (per logging window), γ and dead fraction against step for every run with a
+    metrics.jsonl."""
+    runs = [(r, read_metrics(sweep_dir / r["run"])) for r in rows if (sweep_dir / r["run"] / METRICS_FILE).is_file()]
     if not runs:
         return None
     fig, axes = _figure(len(CURVES), (4.0, 3.6))

@@ -1,4 +1,4 @@
-"""Per-run checkpoints (`checkpoint.pt`, previous one kept as `checkpoint.prev.pt`) and metrics.jsonl.
+"""Per-run checkpoints (`rundir.CHECKPOINT_FILE`, the previous one kept as `rundir.PREV_CHECKPOINT_FILE`).
 
 A checkpoint holds one SAE's weights (training scale), Adam moments and step, resampling state (steps since
 each feature fired, last resample step, the SAE's generator) and the loader position after the last batch
@@ -7,33 +7,31 @@ sweep interrupted between two runs' renames still finds a step that every run ha
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
+from saeforge.stores.files import atomic_path
 from saeforge.trainer.errors import ResumeMismatch
+from saeforge.trainer.rundir import CHECKPOINT_FILE, PREV_CHECKPOINT_FILE
 
-CKPT = "checkpoint.pt"
-PREV = "checkpoint.prev.pt"
-METRICS = "metrics.jsonl"
 FORMAT = 1
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> None:
+    """Write `run_dir`'s checkpoint atomically; the one it replaces becomes the previous checkpoint."""
     run_dir = Path(run_dir)
-    tmp = run_dir / f".{CKPT}.tmp{os.getpid()}"
-    torch.save({"format": FORMAT, **state}, tmp)
-    if (run_dir / CKPT).exists():
-        os.replace(run_dir / CKPT, run_dir / PREV)
-    os.replace(tmp, run_dir / CKPT)
+    with atomic_path(run_dir / CHECKPOINT_FILE) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
+        if (run_dir / CHECKPOINT_FILE).exists():
+            os.replace(run_dir / CHECKPOINT_FILE, run_dir / PREV_CHECKPOINT_FILE)
 
 
 def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
     """{step: path} of the checkpoints present in `run_dir`."""
     out = {}
-    for name in (PREV, CKPT):
+    for name in (PREV_CHECKPOINT_FILE, CHECKPOINT_FILE):
         path = Path(run_dir) / name
         if path.is_file():
             out[int(torch.load(path, map_location="cpu", weights_only=False)["step"])] = path
@@ -52,18 +50,3 @@ def load_common_checkpoints(run_dirs: list[Path]) -> list[dict]:
                              + "; ".join(f"{d}: {sorted(a)}" for d, a in zip(run_dirs, available)))
     step = max(common)
     return [torch.load(a[step], map_location="cpu", weights_only=False) for a in available]
-
-
-def append_metrics(run_dir: Path, rows: list[dict]) -> None:
-    with open(Path(run_dir) / METRICS, "a") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-
-
-def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop metrics lines logged after `step` (they will be logged again by the resumed run)."""
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))

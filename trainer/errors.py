@@ -1,8 +1,17 @@
-"""Trainer errors. Messages name the path and the values involved; the CLI turns them into one line."""
+"""Trainer errors. Messages name the path and the values involved; the CLI turns them into one line.
+
+Everything `saeforge.trainer` raises on purpose derives from `TrainerError` (store errors raised while reading
+a store stay `saeforge.stores.errors.StoreError`s).
+"""
 
 
 class TrainerError(Exception):
     """Base class of saeforge.trainer's errors."""
+
+
+class ConfigError(TrainerError, ValueError):
+    """A setting the trainer cannot use (sweep grid, run names, batch layout). Also a ValueError, so callers that
+    catch ValueError for bad input keep working."""
 
 
 class RunNotFound(TrainerError):

@@ -3,18 +3,23 @@
 SAEs whose `SAEConfig.group_key()` match are stacked into one module and trained with batched matmuls; a run
 of one SAE is a stack of one, so a sweep of K and K single runs execute the same code. Each SAE draws its
 initial weights and its resampling choices from generators seeded by its own seed only.
+
+    trainer = SweepTrainer(saes, train, d_in, normalisers=Normaliser.from_stats(stats))
+    fit(trainer, map(trainer.prepare, batches), steps=train.steps, events=my_events)
 """
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Iterable, NamedTuple
+from typing import Iterable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from saeforge.trainer.config import SAEConfig, TrainConfig
+from saeforge.trainer.errors import ConfigError
 from saeforge.trainer.losses import l1_training_factor, recon_scale, sae_loss, squared_error
+from saeforge.trainer.normaliser import Normaliser, for_hook
 from saeforge.trainer.optim import (StackAdam, normalize_decoder_, project_decoder_grad_, resample_multiplier,
                                     warmup_multiplier)
 from saeforge.trainer.resample import resample_features_
@@ -42,20 +47,19 @@ class _Group:
     """SAEs of one hook and one shape trained as one stacked module with one StackAdam."""
 
     def __init__(self, cfgs: list[SAEConfig], indices: list[int], hook: str, d_in: int, train: TrainConfig,
-                 device: torch.device, dtype: torch.dtype, b_dec: Tensor | None, mean_sq_norm: float,
-                 input_scale: float):
+                 device: torch.device, dtype: torch.dtype, norm: Normaliser):
         first, K = cfgs[0], len(cfgs)
         self.cfgs, self.indices, self.hook = cfgs, indices, hook
         self.sae = make_sae(first.arch, d_in, first.d_sae, n_stack=K, dtype=dtype,
                             tie_weights=first.tie_weights, use_r_mag=first.use_r_mag)
-        init_sae_(self.sae, [c.seed for c in cfgs], b_dec)
+        init_sae_(self.sae, [c.seed for c in cfgs], norm.b_dec_init() if train.b_dec_init == "mean" else None)
         self.sae.to(device)
         self.adam = StackAdam(dict(self.sae.named_parameters()), train.adam_betas, train.adam_eps)
         # lambda is given in the paper's units (raw activations); convert it to the training scale once.
-        factor = l1_training_factor(train.loss_scaling, first.arch, input_scale)
+        factor = l1_training_factor(train.loss_scaling, first.arch, norm.scale)
         self.l1 = torch.tensor([c.l1_coefficient * factor for c in cfgs], dtype=torch.float64)
         self.lr = torch.tensor([c.lr for c in cfgs], dtype=torch.float64)
-        self.recon_scale = recon_scale(train.loss_scaling, first.arch, d_in, mean_sq_norm)
+        self.recon_scale = recon_scale(train.loss_scaling, first.arch, d_in, norm.training_mean_sq_norm(d_in))
         self.unit_norm = first.unit_norm_decoder
         self.loss_kw = dict(recon_scale=self.recon_scale, weight_l1_by_decoder_norm=not self.unit_norm,
                             **({"freeze_aux_decoder": first.frozen_aux} if first.arch == "gated" else {}))
@@ -70,29 +74,23 @@ class _Group:
         return self.loss_fn(self.sae, x, l1, **self.loss_kw)
 
 
-def _for_hook(value, hook: str):
-    """A per-hook setting given either once for every hook or as a dict keyed by hook."""
-    return value[hook] if isinstance(value, dict) else value
-
-
 class SweepTrainer:
     """K SAEs of any mix of architecture, width, lambda, lr and seed, trained on the same batches.
 
-    Inputs given to `train_step`/`resample` are in the training scale (the caller multiplies by the store's
-    scale). `b_dec` (d_in,) initialises every decoder bias (e.g. the data mean in training scale) and
-    `mean_sq_norm` is E||x||^2 in training scale (for the paper's baseline loss scaling)."""
+    `normalisers` (one `Normaliser` for every hook, or a dict keyed by hook; None: inputs as they are) set each
+    hook's input scale, the b_dec init and E||x||^2. Inputs given to `train_step`/`resample` are in training
+    scale: pass batches through `prepare` first."""
 
     def __init__(self, saes: list[SAEConfig], train: TrainConfig, d_in: int | dict[str, int], *,
-                 b_dec: Tensor | dict | None = None, mean_sq_norm: float | dict | None = None,
-                 input_scale: float | dict = 1.0, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 normalisers: Normaliser | dict[str, Normaliser] | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.saes, self.train = list(saes), train
         self.device, self.dtype = torch.device(device), dtype
         self.step = 0
         self.sae_hooks = [cfg.hook or train.hook for cfg in self.saes]
         self.hooks = list(dict.fromkeys(self.sae_hooks))
-        self.d_ins = {h: int(_for_hook(d_in, h)) for h in self.hooks}
-        self.input_scales = {h: float(_for_hook(input_scale, h)) for h in self.hooks}
+        self.d_ins = {h: int(d_in[h] if isinstance(d_in, dict) else d_in) for h in self.hooks}
+        self.normalisers = {h: for_hook(normalisers, h) for h in self.hooks}
         self.d_in = self.d_ins[self.hooks[0]] if len(self.hooks) == 1 else None
         self.autocast = self._resolve_autocast()
         keys: dict[tuple, list[int]] = {}
@@ -100,11 +98,9 @@ class SweepTrainer:
             keys.setdefault((self.sae_hooks[i], *cfg.group_key()[1:]), []).append(i)
         self.groups = []
         for (hook, *_), idx in keys.items():
-            msn = _for_hook(mean_sq_norm, hook)
-            msn = float(self.d_ins[hook]) if msn is None else float(msn)
             for chunk in self._stacks(idx):
                 self.groups.append(_Group([self.saes[i] for i in chunk], chunk, hook, self.d_ins[hook], train,
-                                          self.device, dtype, _for_hook(b_dec, hook), msn, self.input_scales[hook]))
+                                          self.device, dtype, self.normalisers[hook]))
 
     def _resolve_autocast(self) -> bool:
         """Whether steps run under bf16 autocast: `bf16`, or `auto` on fp32 weights where bf16 is native."""
@@ -119,8 +115,16 @@ class SweepTrainer:
         if isinstance(x, dict):
             return x
         if len(self.hooks) != 1:
-            raise ValueError(f"this sweep trains on hooks {self.hooks}: pass a dict of batches keyed by hook")
+            raise ConfigError(f"this sweep trains on hooks {self.hooks}: pass a dict of batches keyed by hook")
         return {self.hooks[0]: x}
+
+    def prepare(self, batch: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
+        """A batch in the original scale (a dict keyed by hook, or a bare (rows, d_in) tensor when every SAE
+        trains on one hook) -> {hook: (rows, d_in)} of the trainer's hooks, on its device and in its dtype,
+        in training scale."""
+        xs = self.by_hook(batch)
+        return {h: self.normalisers[h].to_training(xs[h].to(device=self.device, dtype=self.dtype, non_blocking=True))
+                for h in self.hooks}
 
     def _stacks(self, idx: list[int]) -> list[list[int]]:
         """Split SAEs of one shape into stacks whose (K, rows, d_sae) activations fit `train.stack_mib`."""
@@ -226,6 +230,10 @@ class SweepTrainer:
         g, k = self._locate(i)
         return float(g.lr[k] * self.lr_multipliers(g)[k])
 
+    def recon_scale(self, i: int) -> float:
+        """The factor SAE `i`'s reconstruction term is multiplied by (`losses.recon_scale`)."""
+        return self._locate(i)[0].recon_scale
+
     def l1_now(self, i: int) -> float:
         """SAE `i`'s lambda at the current step, in the paper's units (warm-up applied)."""
         return self.saes[i].l1_coefficient * warmup_multiplier(self.step, self.train.l1_warmup_steps)
@@ -291,9 +299,9 @@ class Metrics:
             out.append({
                 "step": t.step, "loss": l_recon + l_sp + l_aux, "l_recon": l_recon, "l_sparsity": l_sp,
                 "l_aux": l_aux, "l0": s["l0"][i] / self.steps,
-                "mse": s["sse"][i] / (rows * t.d_ins[hook] * t.input_scales[hook] ** 2),
-                # per logging window: 1 - SSE / sum of squared deviations from each batch's mean
-                "explained_variance": 1 - s["sse"][i] / max(x_var[hook], 1e-30),
+                "mse": t.normalisers[hook].original_mse(s["sse"][i], rows, t.d_ins[hook]),
+                # per logging window (trainer/rundir.py defines it beside eval.json's explained_variance)
+                "explained_variance_window": 1 - s["sse"][i] / max(x_var[hook], 1e-30),
                 "gamma": xx / xh if xh else float("nan"),  # arXiv 2404.16014 eq. 10, a ratio of window means
                 "dead_fraction": t.dead_fraction(i), "lr": t.lr_now(i), "l1_coefficient": t.l1_now(i),
                 "steps_per_s": self.steps / wall, "data_wait_fraction": min(1.0, wait_s / wall),
@@ -302,54 +310,44 @@ class Metrics:
         return out
 
 
-def prepare_fn(hooks: str | list[str] | None, device: torch.device, dtype: torch.dtype,
-               input_scale: float | dict[str, float] = 1.0):
-    """batch (a tensor, or a dict keyed by hook) -> (rows, d_in) on `device` in `dtype`, times the hook's input
-    scale; with a list of hooks, a dict {hook: tensor} of them."""
-    def one(x: Tensor, hook) -> Tensor:
-        x = x.to(device=device, dtype=dtype, non_blocking=True)
-        scale = _for_hook(input_scale, hook)
-        return x * scale if scale != 1.0 else x
+class FitEvents:
+    """What `fit` tells its caller, as one object (these defaults do nothing): metrics rows at every logging
+    step, features resampled, checkpoint time, and the seconds spent waiting for data so far."""
 
-    def prepare(batch):
-        if isinstance(hooks, list):
-            return {h: one(batch[h], h) for h in hooks}
-        return one(batch[hooks] if isinstance(batch, dict) else batch, hooks)
-    return prepare
+    def on_log(self, rows: list[dict]) -> None:
+        """One dict per SAE (sweep order) for the logging window that just ended (`Metrics.flush`)."""
+
+    def on_resample(self, done: dict[int, int]) -> None:
+        """{SAE index: features resampled} after a resampling step that changed something."""
+
+    def on_checkpoint(self) -> None:
+        """Every `checkpoint_every` steps and at the last step: save what a resumed run needs."""
+
+    def wait_s(self) -> float:
+        """Seconds the loop has waited for batches so far (for `data_wait_fraction`)."""
+        return 0.0
 
 
-def fit(trainer: SweepTrainer, batches: Iterable, *, steps: int, hook: str | None = None,
-        prepare: Callable[[object], Tensor] | None = None,
-        on_log: Callable[[list[dict]], None] | None = None, on_checkpoint: Callable[[], None] | None = None,
-        on_resample: Callable[[dict[int, int]], None] | None = None,
-        wait_s: Callable[[], float] = lambda: 0.0) -> None:
-    """Train until `trainer.step == steps` on `batches`: ANY iterator of `dict[hook, Tensor (rows, d_in)]` (or
-    of bare tensors) in the activations' original scale. Each batch goes through `prepare` (default: pick
-    `hook` (or every hook of the trainer), move to the trainer's device and dtype, multiply by the trainer's
-    input scale); pass `prepare=lambda b: b` when
-    the iterator already yields prepared tensors (as the Prefetcher of `train_from_store` does). Logs every
-    `log_every` steps, checkpoints every `checkpoint_every` steps and at the end."""
-    cfg = trainer.train
-    if prepare is None and len(trainer.hooks) > 1:
-        prepare = prepare_fn(trainer.hooks, trainer.device, trainer.dtype, trainer.input_scales)
-    elif prepare is None:
-        prepare = prepare_fn(hook, trainer.device, trainer.dtype, trainer.input_scales[trainer.hooks[0]])
+def fit(trainer: SweepTrainer, batches: Iterable, *, steps: int, events: FitEvents | None = None) -> None:
+    """Train until `trainer.step == steps` on `batches`: ANY iterator of prepared batches (`trainer.prepare`:
+    {hook: (rows, d_in)} on the trainer's device, in training scale). Resampling draws its scored inputs from
+    the same iterator. Reports to `events` every `log_every` steps, checkpoints every `checkpoint_every` steps
+    and at the end."""
+    cfg, events = trainer.train, events or FitEvents()
     metrics = Metrics(trainer)
     it = iter(batches)
-    wait0 = wait_s()
+    wait0 = events.wait_s()
     while trainer.step < steps:
-        x = prepare(next(it))
+        x = next(it)
         metrics.add(trainer.train_step(x), x)
         if trainer.resample_due():
-            done = trainer.resample([prepare(next(it)) for _ in range(trainer.resample_batches())])
-            if done and on_resample:
-                on_resample(done)
+            done = trainer.resample([next(it) for _ in range(trainer.resample_batches())])
+            if done:
+                events.on_resample(done)
         if trainer.step % cfg.log_every == 0 or trainer.step == steps:
-            now = wait_s()
+            now = events.wait_s()
             rows = metrics.flush(now - wait0)
             wait0 = now
-            if on_log:
-                on_log(rows)
-        if on_checkpoint and ((cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0)
-                              or trainer.step == steps):
-            on_checkpoint()
+            events.on_log(rows)
+        if (cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0) or trainer.step == steps:
+            events.on_checkpoint()

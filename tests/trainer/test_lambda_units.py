@@ -7,6 +7,7 @@ import torch
 from saeforge.trainer.config import SAEConfig, TrainConfig
 from saeforge.trainer.loop import SweepTrainer
 from saeforge.trainer.losses import recon_scale, sae_loss
+from saeforge.trainer.normaliser import Normaliser
 from saeforge.trainer.sae import init_sae_, load_into_stack_, make_sae
 
 F64 = torch.float64
@@ -38,7 +39,7 @@ def test_training_loss_is_a_constant_times_the_papers_loss_on_raw_inputs(arch, l
     lam = 0.05
     cfg = SAEConfig(arch=arch, d_sae=D_SAE, l1_coefficient=lam)
     train = TrainConfig(hook="h", loss_scaling=loss_scaling, autocast="none")
-    trainer = SweepTrainer([cfg], train, D_IN, input_scale=S, mean_sq_norm=msn * S ** 2, dtype=F64)
+    trainer = SweepTrainer([cfg], train, D_IN, normalisers=Normaliser(S, mean_sq_norm=msn), dtype=F64)
     group = trainer.groups[0]
     ratios = []
     for seed in (1, 2):  # the constant must not depend on the SAE
@@ -59,6 +60,6 @@ def test_training_loss_is_a_constant_times_the_papers_loss_on_raw_inputs(arch, l
 def test_metrics_report_lambda_in_the_papers_units():
     train = TrainConfig(hook="h", autocast="none", lr_warmup_steps=0, resample_every=0)
     trainer = SweepTrainer([SAEConfig(arch="gated", d_sae=D_SAE, l1_coefficient=0.05)], train, D_IN,
-                           input_scale=S, dtype=F64)
+                           normalisers=Normaliser(S), dtype=F64)
     assert trainer.l1_now(0) == 0.05
     assert trainer.groups[0].l1.item() == pytest.approx(0.05 * S)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from saeforge.trainer.config import SAEConfig, TrainConfig
-from saeforge.trainer.loop import SweepTrainer, fit
+from saeforge.trainer.loop import FitEvents, SweepTrainer, fit
+from saeforge.trainer.normaliser import Normaliser
 
 D_IN, ROWS = 8, 64
 F64 = torch.float64
@@ -35,12 +36,28 @@ def kill_features_(trainer, n=3):
             getattr(g.sae, "b_enc" if g.cfgs[0].arch == "baseline" else "b_gate")[..., :n] = -1e3
 
 
-def run(saes, train=TRAIN, steps=None, dtype=F64, **kw):
-    trainer = SweepTrainer(saes, train, D_IN, dtype=dtype, b_dec=torch.full((D_IN,), 0.5))
+MEAN = Normaliser(mean=torch.full((D_IN,), 0.5))  # b_dec starts at 0.5, inputs unscaled
+
+
+class Recorder(FitEvents):
+    """Keeps what `fit` reports: metrics rows and {SAE index: features resampled}."""
+
+    def __init__(self):
+        self.rows, self.resampled = [], {}
+
+    def on_log(self, rows):
+        self.rows.extend(rows)
+
+    def on_resample(self, done):
+        self.resampled.update(done)
+
+
+def run(saes, train=TRAIN, steps=None, dtype=F64, events=None):
+    trainer = SweepTrainer(saes, train, D_IN, dtype=dtype, normalisers=MEAN)
     kill_features_(trainer)
-    resampled = {}
-    fit(trainer, stream(), steps=steps or train.steps, hook="h", on_resample=resampled.update, **kw)
-    return trainer, resampled
+    events = events or Recorder()
+    fit(trainer, map(trainer.prepare, stream()), steps=steps or train.steps, events=events)
+    return trainer, events.resampled
 
 
 def test_sweep_of_k_equals_k_separate_runs():
@@ -72,13 +89,13 @@ def test_resume_from_saved_state_equals_uninterrupted_run():
     full, _ = run(SAES[:2])
     first, _ = run(SAES[:2], steps=20)
     states = [first.sae_state(i) for i in range(2)]
-    resumed = SweepTrainer(SAES[:2], TRAIN, D_IN, dtype=F64, b_dec=torch.full((D_IN,), 0.5))
+    resumed = SweepTrainer(SAES[:2], TRAIN, D_IN, dtype=F64, normalisers=MEAN)
     for i, state in enumerate(states):
         resumed.load_sae_state(i, state)
     it = stream()
     for _ in range(20 + 2):  # the 20 batches trained on plus the 2 drawn for the resample at step 15
         next(it)
-    fit(resumed, it, steps=40, hook="h")
+    fit(resumed, map(resumed.prepare, it), steps=40)
     for i in range(2):
         for name, t in full.sae(i).state_dict().items():
             assert torch.equal(t, resumed.sae(i).state_dict()[name]), name
@@ -94,12 +111,12 @@ def recording(trainer, batches, drawn: dict):
 
 
 def test_metrics_and_resample_lr_drop():
-    rows, drawn, resampled = [], {}, {}
-    trainer = SweepTrainer(SAES[:1], TRAIN, D_IN, dtype=F64, b_dec=torch.full((D_IN,), 0.5))
+    drawn, events = {}, Recorder()
+    trainer = SweepTrainer(SAES[:1], TRAIN, D_IN, dtype=F64, normalisers=MEAN)
     kill_features_(trainer)
-    fit(trainer, recording(trainer, stream(), drawn), steps=TRAIN.steps, hook="h", on_log=rows.extend,
-        on_resample=resampled.update)
-    keys = {"step", "loss", "l_recon", "l_sparsity", "l_aux", "l0", "mse", "explained_variance", "gamma",
+    fit(trainer, map(trainer.prepare, recording(trainer, stream(), drawn)), steps=TRAIN.steps, events=events)
+    rows, resampled = events.rows, events.resampled
+    keys = {"step", "loss", "l_recon", "l_sparsity", "l_aux", "l0", "mse", "explained_variance_window", "gamma",
             "dead_fraction", "lr", "l1_coefficient", "data_wait_fraction", "steps_per_s"}
     assert len(rows) == 4 and keys <= set(rows[0])
     for r in rows:  # each window's metrics equal direct computations from the weights every step saw
@@ -115,7 +132,7 @@ def test_metrics_and_resample_lr_drop():
         assert r["l0"] == pytest.approx(l0.item(), rel=1e-12)
         assert r["mse"] == pytest.approx(sse.item() / (len(xs) * ROWS * D_IN), rel=1e-9)
         assert r["gamma"] == pytest.approx(gamma.item(), rel=1e-6)  # the loop sums x_hat in float32
-    assert rows[-1]["explained_variance"] > rows[0]["explained_variance"]
+    assert rows[-1]["explained_variance_window"] > rows[0]["explained_variance_window"]
     assert resampled == {0: 3}  # the three killed features, once (at step 15; they fire again afterwards)
     assert rows[1]["lr"] == pytest.approx(SAES[0].lr * 0.1 + SAES[0].lr * 0.9 * (1 - math.cos(math.pi * 5 / 1000)) / 2)
 
@@ -128,7 +145,7 @@ def test_resample_in_a_sweep_zeroes_every_moment_of_the_resampled_features_only(
             SAEConfig(arch="gated", d_sae=16, l1_coefficient=0.5, lr=1e-2, seed=3),  # same stack as SAE 0
             SAEConfig(arch="baseline", d_sae=16, l1_coefficient=0.05, lr=1e-2, seed=2),
             SAEConfig(arch="gated", d_sae=16, l1_coefficient=0.5, lr=1e-2, seed=4, tie_weights=False)]
-    trainer = SweepTrainer(saes, TRAIN, D_IN, dtype=F64, b_dec=torch.full((D_IN,), 0.5))
+    trainer = SweepTrainer(saes, TRAIN, D_IN, dtype=F64, normalisers=MEAN)
     it = (b["h"].to(F64) for b in stream())
     for _ in range(6):
         trainer.train_step(next(it))
@@ -176,8 +193,9 @@ def test_bf16_autocast_trains_like_fp32():
     rows = {}
     for autocast in ("bf16", "none"):
         train = TrainConfig(hook="h", steps=5, batch_rows=ROWS, autocast=autocast, lr_warmup_steps=0, log_every=5)
-        rows[autocast] = []
-        run(SAES[:2], train=train, dtype=torch.float32, on_log=rows[autocast].extend)
+        rows[autocast] = Recorder()
+        run(SAES[:2], train=train, dtype=torch.float32, events=rows[autocast])
+        rows[autocast] = rows[autocast].rows
     assert len(rows["bf16"]) == len(rows["none"]) == 2
     for bf, fp in zip(rows["bf16"], rows["none"]):
         assert bf["loss"] != fp["loss"]  # bf16 did run ...

@@ -8,6 +8,7 @@ import torch
 from saeforge.trainer.config import SAEConfig, TrainConfig
 from saeforge.trainer.loop import SweepTrainer
 from saeforge.trainer.losses import recon_scale, sae_loss
+from saeforge.trainer.normaliser import Normaliser
 from saeforge.trainer.sae import BaselineSAE, GatedSAE
 
 F64 = torch.float64
@@ -97,7 +98,7 @@ def test_sweep_trainer_applies_the_configured_scaling(scaling, mean_sq_norm):
     saes = [SAEConfig(arch=a, d_sae=d_sae, l1_coefficient=lam, lr=1e-3, seed=i)
             for i, a in enumerate(["gated", "baseline"])]
     trainer = SweepTrainer(saes, TrainConfig(steps=1, batch_rows=8, lr_warmup_steps=0, loss_scaling=scaling), d_in,
-                           mean_sq_norm=mean_sq_norm, dtype=F64, b_dec=torch.full((d_in,), 0.2))
+                           normalisers=Normaliser(mean=torch.full((d_in,), 0.2), mean_sq_norm=mean_sq_norm), dtype=F64)
     x = torch.randn(8, d_in, generator=torch.Generator().manual_seed(0), dtype=F64) + 1
     before = [trainer.sae(i) for i in range(2)]
     stats = trainer.train_step(x)

@@ -7,6 +7,7 @@ import torch
 
 from saeforge.trainer.config import SAEConfig, TrainConfig
 from saeforge.trainer.loop import SweepTrainer, fit
+from saeforge.trainer.normaliser import Normaliser
 
 D_IN, N_ATOMS, ACTIVE, ROWS, STEPS = 16, 32, 3, 256, 400
 GATED_L1 = (0.03, 0.06, 0.1)
@@ -48,9 +49,9 @@ def trained() -> dict:
         saes = [SAEConfig(arch="gated", d_sae=64, l1_coefficient=lam, lr=1e-2, seed=1) for lam in GATED_L1]
         saes += [SAEConfig(arch="baseline", d_sae=64, l1_coefficient=lam, lr=1e-2, seed=1) for lam in BASELINE_L1]
         train = TrainConfig(steps=STEPS, batch_rows=ROWS, lr_warmup_steps=20, resample_every=0, log_every=STEPS)
-        trainer = SweepTrainer(saes, train, D_IN, mean_sq_norm=float(x_eval.pow(2).sum(-1).mean()),
-                               dtype=torch.float32)
-        fit(trainer, (batch(ROWS) for _ in range(STEPS)), steps=STEPS)
+        norm = Normaliser(mean_sq_norm=float(x_eval.pow(2).sum(-1).mean()))
+        trainer = SweepTrainer(saes, train, D_IN, normalisers=norm, dtype=torch.float32)
+        fit(trainer, (trainer.prepare(batch(ROWS)) for _ in range(STEPS)), steps=STEPS)
         return {(c.arch, c.l1_coefficient): held_out_metrics(trainer.sae(i).double(), x_eval)
                 for i, c in enumerate(saes)}
     finally:

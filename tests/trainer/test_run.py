@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from saeforge.pipeline.cli import main
 from saeforge.trainer.config import SAEConfig, TrainConfig
-from saeforge.trainer.io import load_sae
+from saeforge.trainer.saelens_files import load_sae
 from saeforge.trainer.run import train_from_store
 from saeforge.trainer.sae import make_sae
 
@@ -130,8 +130,8 @@ def test_cli_train_flags_toml_and_bad_input(store, tmp_path):
     assert not (tmp_path / "bad").exists()
 
     toml = tmp_path / "run.toml"
-    toml.write_text(f'store = "{store}"\nhook = "{HOOK}"\narch = "gated"\nd_sae = 16\nsteps = 5\nbatch_rows = {BATCH}\n'
-                    'log_every = 5\nresample_every = 0\ndevice = "cpu"\nl1_coefficient = 0.2\n')
+    toml.write_text(f'store = "{store}"\n[train]\nhook = "{HOOK}"\nsteps = 5\nbatch_rows = {BATCH}\nlog_every = 5\n'
+                    'resample_every = 0\ndevice = "cpu"\n[sae]\narch = "gated"\nd_sae = 16\nl1_coefficient = 0.2\n')
     res = invoke("train", "--config", toml, "--steps", 10, "--out", tmp_path / "toml_run", "--quiet")
     assert res.exit_code == 0, res.output
     saved = json.loads((tmp_path / "toml_run" / "cfg.json").read_text())["saeforge"]

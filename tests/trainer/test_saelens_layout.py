@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saeforge.trainer.io import load_sae, save_sae
+from saeforge.trainer.normaliser import Normaliser
+from saeforge.trainer.saelens_files import load_sae, save_sae
 from saeforge.trainer.sae import init_sae_, make_sae
 
 HOOK = "blocks.3.hook_resid_post"
@@ -42,7 +43,7 @@ def saved_run(tmp_path, arch, n_stack=None, **kw):
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=gen))
-    run = save_sae(sae, tmp_path / arch, hook_name=HOOK, input_scale=SCALE, model_name="tiny-llama",
+    run = save_sae(sae, tmp_path / arch, hook_name=HOOK, normaliser=Normaliser(SCALE), model_name="tiny-llama",
                    store="/data/acts.zarr", provenance={"context_size": 32, "prepend_bos": True})
     return run, json.loads((run / "cfg.json").read_text()), load_file(str(run / "sae_weights.safetensors")), sae
 

@@ -42,3 +42,14 @@ class EvalError(PipelineError):
 
 class ProvenanceError(PipelineError):
     """A store or run records no (or an unreadable) provenance, so its text cannot be regenerated."""
+
+
+def domain_errors() -> tuple[type[Exception], ...]:
+    """What a command line reports as one ``Error:`` line: every error saeforge raises on purpose.
+
+    Imported on call, so a CLI module that only builds ``--help`` does not import the store machinery.
+    """
+    from saeforge.stores.errors import StoreError
+    from saeforge.trainer.errors import TrainerError
+
+    return (StoreError, TrainerError, PipelineError)

@@ -121,8 +121,11 @@ def _dequantised_dir(gguf: Path, hf_name: str | None) -> tuple[Path, str]:
     if (target / "config.json").exists():
         return target, sha
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except (OSError, ValueError) as e:  # transformers: a truncated file, an architecture it cannot dequantise
+        raise ModelLoadError(f"GGUF file {gguf} could not be loaded: {str(e).splitlines()[0]}") from None
     if hf_name:
         model.config.name_or_path = hf_name
     model.hf_quantizer = None  # weights are plain float32 now; the GGUF "quantizer" only blocks saving
@@ -180,7 +183,7 @@ def load_lm(spec: str = "smollm2-135m", *, device: str = "auto",
     try:
         tok = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype]).eval()
-    except OSError as e:  # hub name that does not exist or hub unreachable
+    except (OSError, ValueError) as e:  # no such hub name, hub unreachable, a config transformers cannot read
         raise ModelLoadError(f"model {spec!r} could not be loaded: {str(e).splitlines()[0]}") from None
     if info["source"] == "hub":
         info["revision"] = getattr(model.config, "_commit_hash", None)

@@ -38,6 +38,12 @@ def test_load_lm_rejects_a_directory_without_config(tmp_path):
         load_lm(str(tmp_path), device="cpu")
 
 
+def test_load_lm_turns_an_unreadable_config_into_a_model_load_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(ModelLoadError, match="could not be loaded"):
+        load_lm(str(tmp_path), device="cpu")
+
+
 def test_stop_layer_is_the_deepest_block_plus_one_or_none_outside_blocks():
     assert stop_layer(["blocks.0.hook_resid_post", "blocks.2.hook_mlp_out"]) == 3
     assert stop_layer(["hook_embed"]) is None and stop_layer(["blocks.0.hook_resid_post", "hook_embed"]) is None

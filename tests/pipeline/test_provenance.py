@@ -63,3 +63,4 @@ def test_missing_text_rules_are_a_provenance_error(d, match):
     with pytest.raises(ProvenanceError, match=match) as info:
         Provenance.from_json(d, where="store s")
     assert isinstance(info.value, PipelineError) and not isinstance(info.value, (KeyError, ValueError))
+

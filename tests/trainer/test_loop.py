@@ -40,10 +40,13 @@ MEAN = Normaliser(mean=torch.full((D_IN,), 0.5))  # b_dec starts at 0.5, inputs 
 
 
 class Recorder(FitEvents):
-    """Keeps what `fit` reports: metrics rows and {SAE index: features resampled}."""
+    """Keeps what `fit` reports: metrics rows, {SAE index: features resampled}, the checkpoint steps."""
 
-    def __init__(self):
-        self.rows, self.resampled = [], {}
+    def __init__(self, trainer=None):
+        self.rows, self.resampled, self.checkpoints, self.trainer = [], {}, [], trainer
+
+    def on_checkpoint(self):
+        self.checkpoints.append(self.trainer.step if self.trainer else None)
 
     def on_log(self, rows):
         self.rows.extend(rows)
@@ -111,8 +114,9 @@ def recording(trainer, batches, drawn: dict):
 
 
 def test_metrics_and_resample_lr_drop():
-    drawn, events = {}, Recorder()
+    drawn = {}
     trainer = SweepTrainer(SAES[:1], TRAIN, D_IN, dtype=F64, normalisers=MEAN)
+    events = Recorder(trainer)
     kill_features_(trainer)
     fit(trainer, map(trainer.prepare, recording(trainer, stream(), drawn)), steps=TRAIN.steps, events=events)
     rows, resampled = events.rows, events.resampled
@@ -133,6 +137,7 @@ def test_metrics_and_resample_lr_drop():
         assert r["mse"] == pytest.approx(sse.item() / (len(xs) * ROWS * D_IN), rel=1e-9)
         assert r["gamma"] == pytest.approx(gamma.item(), rel=1e-6)  # the loop sums x_hat in float32
     assert rows[-1]["explained_variance_window"] > rows[0]["explained_variance_window"]
+    assert events.checkpoints == [TRAIN.steps]  # checkpoint_every 5000: only the last step
     assert resampled == {0: 3}  # the three killed features, once (at step 15; they fire again afterwards)
     assert rows[1]["lr"] == pytest.approx(SAES[0].lr * 0.1 + SAES[0].lr * 0.9 * (1 - math.cos(math.pi * 5 / 1000)) / 2)
 

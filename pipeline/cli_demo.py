@@ -37,7 +37,9 @@ class DemoConfig:
         if self.dtype not in ("auto", "float32", "bfloat16"):
             problems.append(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if problems:
-            raise ValueError("; ".join(problems))
+            from saeforge.pipeline.errors import ConfigError
+
+            raise ConfigError("; ".join(problems))
 
 
 @click.command()
@@ -57,10 +59,7 @@ def demo(out, config_file, quiet, **flags):
         saeforge demo            # into ./demo
     """
     from saeforge.pipeline.demo import run_demo
-    from saeforge.pipeline.errors import EvalError
-    from saeforge.pipeline.plots import PlotError
-    from saeforge.stores import StoreError
-    from saeforge.trainer.errors import TrainerError
+    from saeforge.pipeline.errors import domain_errors
 
     try:
         file = read_config(config_file)
@@ -68,7 +67,7 @@ def demo(out, config_file, quiet, **flags):
         out = out or file.out or "demo"
         record = run_demo(out, preset=cfg.preset, dtype=cfg.dtype, device=cfg.device, model=cfg.model,
                           dataset=cfg.dataset, progress=not quiet)
-    except (EvalError, PlotError, StoreError, TrainerError, ValueError, FileNotFoundError) as e:
+    except domain_errors() as e:
         raise click.ClickException(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
     except KeyboardInterrupt:
         again = f"saeforge demo {out} --preset {cfg.preset}" + (f" --config {config_file}" if config_file else "")

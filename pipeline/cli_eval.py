@@ -15,13 +15,9 @@ from saeforge.trainer.options import CONFIG_HELP, build_config, given, read_conf
 
 
 def _domain_errors():
-    from saeforge.pipeline.errors import EvalError
-    from saeforge.pipeline.plots import PlotError
-    from saeforge.stores.errors import StoreError
-    from saeforge.trainer.errors import TrainerError
+    from saeforge.pipeline.errors import domain_errors
 
-    # ValueError covers the LM/data loaders' errors (ModelLoadError, HookError, DatasetError) and config checks.
-    return (EvalError, PlotError, StoreError, TrainerError, ValueError, FileNotFoundError)
+    return domain_errors()
 
 
 def _summary(rec: dict) -> dict:

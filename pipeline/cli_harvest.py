@@ -32,11 +32,9 @@ def harvest(config_file, writer_memory_mb, as_json, quiet, **flags):
 
         saeforge harvest --layers 10 --sites resid_post,mlp_out --tokens 1000000 --out stores/l10
     """
-    from saeforge.pipeline.data import DatasetError
-    from saeforge.pipeline.harvest import HarvestConfig, HarvestError
+    from saeforge.pipeline.errors import ConfigError, domain_errors
+    from saeforge.pipeline.harvest import HarvestConfig
     from saeforge.pipeline.harvest import harvest as run_harvest
-    from saeforge.pipeline.lm import HookError, ModelLoadError
-    from saeforge.stores import StoreError
 
     if quiet:
         from transformers.utils import logging as hf_logging
@@ -48,13 +46,13 @@ def harvest(config_file, writer_memory_mb, as_json, quiet, **flags):
         values = {**file.get("harvest"), **given(flags, "harvest")}
         out = values.setdefault("out", file.store)
         if not out:
-            raise ValueError("no store path given: pass --out PATH or set the top-level `store` in the config file")
+            raise ConfigError("no store path given: pass --out PATH or set the top-level `store` in the config file")
         if writer_memory_mb is not None:
             values["writer_memory_bytes"] = writer_memory_mb << 20
         cfg = build_config(HarvestConfig, values)
         result = run_harvest(cfg, progress=not quiet)
-    except (HarvestError, ModelLoadError, HookError, DatasetError, StoreError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+    except domain_errors() as e:
+        raise click.ClickException(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
     except KeyboardInterrupt:
         raise click.ClickException(f"interrupted: {out} is incomplete; rerun the same command to resume") from None
     if as_json:

@@ -92,7 +92,7 @@ class StageTimes:
 def sweep_saes(preset: Preset, scales: dict[str, float]) -> list:
     """Gated and baseline SAEs for every hook at equal compute, lambdas converted to the paper's units."""
     from saeforge.trainer.config import SAEConfig
-    from saeforge.trainer.sweep import EQUAL_COMPUTE_FACTOR
+    from saeforge.trainer.grid import EQUAL_COMPUTE_FACTOR
 
     saes = []
     for hook, s in scales.items():

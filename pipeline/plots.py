@@ -15,6 +15,7 @@ import math
 import sys
 from pathlib import Path
 
+from saeforge.pipeline.errors import PipelineError
 from saeforge.trainer.rundir import EVAL_FILE, METRICS_FILE, eval_path, read_metrics, read_record, sweep_run_dirs
 
 CI_COLUMNS = {"loss recovered [95% CI]": "loss_recovered_ci95",
@@ -28,7 +29,7 @@ ARCH_STYLE = {"baseline": ("tab:blue", "o"), "gated": ("tab:red", "s")}
 PANELS_PER_ROW = 3
 
 
-class PlotError(ValueError):
+class PlotError(PipelineError):
     """The sweep directory holds nothing to plot; the message says what is missing and what to run."""
 
 

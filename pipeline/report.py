@@ -79,8 +79,9 @@ def frontier_claims(runs: list[dict]) -> dict:
 
 def convergence(run_dir: Path) -> dict:
     """Relative change of the mean training loss and L0 between the last two tenths of the logged steps."""
-    logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
-    steps = [r for r in logged if "event" not in r]
+    from saeforge.trainer.rundir import read_metrics
+
+    steps = read_metrics(run_dir)  # training lines only (events such as resampling left out)
     n = max(1, len(steps) // 10)
     if len(steps) < 2 * n + 1:
         return {"loss_change": None, "l0_change": None}

@@ -51,6 +51,7 @@ print(json.dumps({"sae_lens": __version__, "class": type(sae).__name__, "archite
 def build_runs(work: Path, steps: int) -> list[Path]:
     """A synthetic float32 store (sparse combinations of 256 directions plus an offset) and two runs."""
     from saeforge.stores import StoreWriter
+    from saeforge.trainer.rundir import WEIGHTS_FILE
 
     store = work / "store.zarr"
     if not store.exists():
@@ -66,7 +67,7 @@ def build_runs(work: Path, steps: int) -> list[Path]:
     runs = []
     for arch in ("baseline", "gated"):
         run = work / arch
-        if not (run / "sae_weights.safetensors").exists():
+        if not (run / WEIGHTS_FILE).exists():
             subprocess.run([str(Path(sys.executable).with_name("saeforge")), "train", "--store", str(store),
                             "--hook", HOOK, "--arch", arch, "--d-sae", "256", "--steps", str(steps),
                             "--batch-rows", "512", "--lr", "1e-3", "--lr-warmup-steps", "20",
@@ -81,7 +82,7 @@ def our_outputs(run: Path, work: Path, n_random: int) -> None:
     import torch
 
     from saeforge.stores import open_store
-    from saeforge.trainer.io import load_sae
+    from saeforge.trainer.saelens_files import load_sae
 
     sae, info = load_sae(run)
     gen = torch.Generator().manual_seed(0)

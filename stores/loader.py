@@ -207,7 +207,7 @@ class StoreLoader:
     def _pieces(self, pool, stop, epoch0: int, pos0: int):
         """Decoded rows in emission order: (tensors, epoch, position after them, rows in the epoch)."""
         W = self.buffer_rows
-        window, w_rows = [], 0
+        window = []
         for epoch, at, n_epoch, seg, data in self._read_ahead(pool, stop, self._segments(epoch0, pos0)):
             if not W:
                 yield data, epoch, at + seg.hi - seg.lo, n_epoch

@@ -11,6 +11,7 @@ import json
 
 import click
 
+from saeforge.trainer.errors import ConfigError, TrainerError
 from saeforge.trainer.options import (CONFIG_HELP, GRID_AXES, build_config, fields_of, given, read_config,
                                       table_options, with_options)
 
@@ -34,7 +35,6 @@ def _fail(exc: Exception) -> click.ClickException:
 
 def _run(store, saes, train, out, *, sweep, resume, quiet):
     from saeforge.stores.errors import StoreError
-    from saeforge.trainer.errors import TrainerError
     from saeforge.trainer.run import train_from_store
 
     if not store:
@@ -43,7 +43,7 @@ def _run(store, saes, train, out, *, sweep, resume, quiet):
         raise click.ClickException("no output directory given: pass --out DIR or set `out` in the config file")
     try:
         summary = train_from_store(store, saes, train, out, sweep=sweep, resume=resume, progress=not quiet)
-    except (StoreError, TrainerError, ValueError) as exc:
+    except (StoreError, TrainerError) as exc:
         raise _fail(exc) from None
     click.echo(json.dumps(summary if sweep else summary[0], indent=2))
 
@@ -68,7 +68,7 @@ def train(config_file, out, resume, quiet, store, **flags):
         file = read_config(config_file)
         sae = build_config(SAEConfig, file.get("sae"), given(flags, "sae"))
         cfg = build_config(TrainConfig, file.get("train"), given(flags, "train"))
-    except ValueError as exc:
+    except TrainerError as exc:
         raise _fail(exc) from None
     _run(store or file.store, [sae], cfg, out or file.out, sweep=False, resume=resume, quiet=quiet)
 
@@ -114,7 +114,7 @@ def sweep(config_file, out, resume, quiet, store, hooks, **flags):
             grid["hook"] = list(hooks)
         cfg = build_config(TrainConfig, file.get("train"), train_flags)
         saes = _sweep_saes({**file.get("sae"), **given(flags, "sae")}, grid, file.saes)
-    except ValueError as exc:
+    except TrainerError as exc:
         raise _fail(exc) from None
     _run(store or file.store, saes, cfg, out or file.out, sweep=True, resume=resume, quiet=quiet)
 
@@ -130,6 +130,6 @@ def _sweep_saes(base: dict, grid: dict, entries: list[dict]) -> list:
     if not grid and not explicit:
         return [SAEConfig(**base, name=name)]  # a train file seeds a sweep unchanged
     if name is not None:
-        raise ValueError(f"sae.name = {name!r} would name every SAE of the sweep alike; name [[saes]] entries "
+        raise ConfigError(f"sae.name = {name!r} would name every SAE of the sweep alike; name [[saes]] entries "
                          "instead (grid SAEs are named by hook, arch, width, lambda and seed)")
     return expand_sweep({**base, **grid} if grid else {}, {}, explicit, equal_compute=equal_compute)

@@ -1,6 +1,6 @@
 """Configs for one SAE (`SAEConfig`) and for the training run that trains one or many (`TrainConfig`).
 
-Defaults follow arXiv 2404.16014 App. D (see PAPER.md §3); every choice the paper leaves open is a field
+Defaults follow arXiv 2404.16014 App. D; every choice the paper leaves open is a field
 here, so each run directory records what was used.
 """
 from __future__ import annotations
@@ -9,6 +9,8 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from saeforge.trainer.errors import ConfigError
 
 Arch = Literal["baseline", "gated"]
 Regime = Literal["paper", "anthropic"]
@@ -39,12 +41,12 @@ class SAEConfig:
 
     regime: Regime = "paper"
     """`paper`: plain L1, decoder rows held at exactly unit norm, frozen aux decoder (Eq. 8).
-    `anthropic`: the authors' alternative (PAPER §7.1): decoder-norm-weighted L1, unconstrained decoder,
+    `anthropic`: the authors' alternative to the paper's loss (as SAELens implements it): decoder-norm-weighted L1, unconstrained decoder,
     unfrozen aux decoder."""
 
     freeze_aux_decoder: bool | None = None
     """Stop-gradient on W_dec and b_dec in L_aux (Gated only). None: the regime's choice (paper: True,
-    anthropic: False). False with the paper regime is the "unfreeze decoder" ablation (PAPER §5.3)."""
+    anthropic: False). False with the paper regime is the "unfreeze decoder" ablation (arXiv 2404.16014 §5, Fig. 8)."""
 
     tie_weights: bool = True
     """Gated only: W_mag = exp(r_mag) * W_gate (Eq. 7). False is the "untied encoders" ablation (+M*n+M)."""
@@ -73,13 +75,13 @@ class SAEConfig:
             problems.append(f"lr must be in (0, 1], got {self.lr!r}")
         if self.regime == "anthropic" and self.freeze_aux_decoder:
             problems.append("regime 'anthropic' (unconstrained decoder, decoder-norm-weighted L1) with a frozen "
-                            "aux decoder is the mixed combination the authors warn against (PAPER §7.1); "
+                            "aux decoder is the mixed combination the authors warn against; "
                             "leave freeze_aux_decoder unset")
         if self.arch == "baseline" and (self.freeze_aux_decoder is not None or not self.tie_weights
                                         or not self.use_r_mag):
             problems.append("freeze_aux_decoder, tie_weights and use_r_mag apply to arch 'gated' only")
         if problems:
-            raise ValueError("invalid SAE config: " + "; ".join(problems))
+            raise ConfigError("invalid SAE config: " + "; ".join(problems))
 
     @property
     def frozen_aux(self) -> bool:
@@ -126,14 +128,14 @@ class TrainConfig:
     """Adam epsilon."""
 
     lr_warmup_steps: int = 1000
-    """Linear learning-rate warm-up from 0 (the paper warms up; length unstated, 1000 as in [DL])."""
+    """Linear learning-rate warm-up from 0 (the paper warms up; length unstated, 1000 as in dictionary_learning)."""
 
     l1_warmup_steps: int = 0
-    """Linear lambda warm-up from 0 (not in the paper; [DL] uses 2000). 0 disables."""
+    """Linear lambda warm-up from 0 (not in the paper; dictionary_learning uses 2000). 0 disables."""
 
     loss_scaling: LossScaling = "paper"
     """Reconstruction (and L_aux) scaling. `paper`: divide by n = d_in, and for baselines also by E||x||^2
-    of the training inputs (PAPER §3.6; the paper's lambda ranges carry over). `per_dim`: divide by n only.
+    of the training inputs (arXiv 2404.16014 App. D.1). `per_dim`: divide by n only.
     `sum`: plain sum over dimensions (SAELens / dictionary_learning)."""
 
     normalize_inputs: bool = True
@@ -213,7 +215,7 @@ class TrainConfig:
         if self.dead_window is not None and self.dead_window < 1:
             problems.append(f"dead_window must be >= 1, got {self.dead_window!r}")
         if problems:
-            raise ValueError("invalid train config: " + "; ".join(problems))
+            raise ConfigError("invalid train config: " + "; ".join(problems))
 
     @property
     def resample_stop(self) -> int:
@@ -245,7 +247,7 @@ def build(cls, *layers: dict[str, Any], where: str = "config"):
     for layer in layers:
         unknown = sorted(set(layer) - names)
         if unknown:
-            raise ValueError(f"unknown key(s) in {where}: {', '.join(unknown)} (valid: {', '.join(sorted(names))})")
+            raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)} (valid: {', '.join(sorted(names))})")
         merged.update({k: v for k, v in layer.items() if v is not None})
     if "adam_betas" in merged:
         merged["adam_betas"] = tuple(merged["adam_betas"])

@@ -105,7 +105,9 @@ def resolve_dtype(spec: str, device: str | torch.device = "auto", *, warn: bool 
     """`auto` -> the device's best compute dtype; an explicit name is returned unchanged (with one warning line
     on stderr when it is bf16 on a CPU without native bf16). Returns a name from `DTYPES`."""
     if spec not in DTYPE_CHOICES:
-        raise ValueError(f"unknown dtype {spec!r}: expected one of {', '.join(DTYPE_CHOICES)}")
+        from saeforge.trainer.errors import ConfigError
+
+        raise ConfigError(f"unknown dtype {spec!r}: expected one of {', '.join(DTYPE_CHOICES)}")
     device = resolve_device(device) if isinstance(device, str) else device
     if spec == "auto":
         return auto_dtype(device)

@@ -9,7 +9,7 @@ from saeforge.trainer.config import SAE_FIELDS, SAEConfig, build
 from saeforge.trainer.errors import ConfigError
 
 GRID_LISTS = ("hook", "arch", "d_sae", "l1_coefficient", "seed")
-EQUAL_COMPUTE_FACTOR = 1.5  # a Gated step costs <= 1.5x a same-width baseline step (PAPER §5.2)
+EQUAL_COMPUTE_FACTOR = 1.5  # a Gated step costs <= 1.5x a same-width baseline step (arXiv 2404.16014 §4.1, fn. 2)
 
 
 def _as_list(value) -> list:

@@ -32,7 +32,7 @@ class LossOutput(NamedTuple):
 
 
 def recon_scale(loss_scaling: str, arch: str, d_in: int, mean_sq_norm: float) -> float:
-    """Factor on the squared-error terms (PAPER §3.6). `paper`: 1/n, and 1/(n E||x||^2) for baselines;
+    """Factor on the squared-error terms (arXiv 2404.16014 App. D.1). `paper`: 1/n, and 1/(n E||x||^2) for baselines;
     `per_dim`: 1/n; `sum`: 1. `mean_sq_norm` is E||x||^2 of the inputs as the SAE sees them."""
     if loss_scaling == "sum":
         return 1.0

@@ -1,5 +1,5 @@
 """Adam with a per-SAE learning rate for stacked parameters, the LR/lambda schedules, and the unit-norm
-decoder constraint (gradient projection before the step, renormalisation after; PAPER §3.2)."""
+decoder constraint (gradient projection before the step, renormalisation after; arXiv 2404.16014 App. D.1)."""
 from __future__ import annotations
 
 import math
@@ -56,7 +56,7 @@ def warmup_multiplier(step: int, warmup_steps: int) -> float:
 
 
 def resample_multiplier(steps_since: Tensor | float, floor: float = 0.1, ramp: int = 1000) -> Tensor:
-    """LR multiplier k steps after a resample: `floor` at k = 0, cosine back to 1 at k >= ramp (PAPER §3.1):
+    """LR multiplier k steps after a resample: `floor` at k = 0, cosine back to 1 at k >= ramp (arXiv 2404.16014 App. D.1):
     floor + (1 - floor) * (1 - cos(pi * k / ramp)) / 2. 0.1, 0.55, 1.0 at k = 0, 500, 1000."""
     k = torch.as_tensor(steps_since, dtype=torch.float64).clamp(0, ramp)
     return floor + (1 - floor) * (1 - torch.cos(math.pi * k / ramp)) / 2

@@ -45,6 +45,7 @@ from typing import Any, Iterable, NamedTuple
 
 import click
 
+from saeforge.trainer.errors import ConfigError  # a config file that cannot be used: one line
 from saeforge.trainer.fields import MISSING, FieldSpec, Mismatch, check, config_fields, describe, show
 
 try:
@@ -85,10 +86,6 @@ GRID_AXES = ("hook", "arch", "d_sae", "l1_coefficient", "seed")  # trainer/grid.
 GRID_EXTRA = {"l1_coefficient_baseline": list[float], "equal_compute": bool}
 CONFIG_HELP = ("TOML file (tables [harvest], [train], [sae], [grid], [[saes]], [eval], [demo]; top-level store, "
                "out); flags override it.")
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message is one line naming the file and the key."""
 
 
 def fields_of(table: str) -> dict[str, FieldSpec]:

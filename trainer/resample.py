@@ -1,4 +1,4 @@
-"""Dead-feature resampling (Bricken et al. 2023 "Neuron Resampling", as the paper uses it; PAPER §3.3).
+"""Dead-feature resampling (Bricken et al. 2023 "Neuron Resampling", as arXiv 2404.16014 App. D.1 uses it).
 
 For each dead feature i of one SAE: draw an input with probability proportional to its squared loss
 ||x - x_hat||^2 squared; set d_i to that input at unit norm; set encoder column i to the same direction with norm

@@ -142,7 +142,7 @@ class GatedSAE(_SAEBase):
         return self.encode_full(x).f
 
     def threshold(self) -> Tensor:
-        """JumpReLU threshold theta = b_mag - exp(r_mag) * b_gate (PAPER §1.4; tied weights only)."""
+        """JumpReLU threshold theta = b_mag - exp(r_mag) * b_gate (arXiv 2404.16014 §3.2.1, App. E; tied weights only)."""
         return self.b_mag - self.r_mag.exp() * self.b_gate
 
     def encoder_weights(self) -> list[str]:
@@ -175,7 +175,7 @@ def init_weights(d_in: int, d_sae: int, seed: int) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def init_sae_(sae: SAE, seeds: list[int], b_dec: Tensor | None = None) -> None:
-    """Initialise in place (PAPER §3.4, [DL]): unit-norm random decoder rows, every encoder matrix = W_dec^T,
+    """Initialise in place (as dictionary_learning does; the paper leaves it open): unit-norm random decoder rows, every encoder matrix = W_dec^T,
     b_dec = `b_dec` (e.g. the data mean) or 0, all other biases and r_mag = 0."""
     for k, seed in enumerate(seeds):
         W_dec, W_enc = init_weights(sae.d_in, sae.d_sae, seed)
@@ -221,7 +221,7 @@ def fold_input_scale_(sae: SAE, scale: float) -> None:
 
 @torch.no_grad()
 def fold_decoder_norms_(sae: SAE) -> None:
-    """Give every decoder row unit norm without changing forward(x) (PAPER §8 check 14; SAELens #504): W_dec
+    """Give every decoder row unit norm without changing forward(x) (the fold SAELens #504 fixed): W_dec
     /= ||d_i||, encoder columns and b_enc/b_gate/b_mag *= ||d_i||; r_mag is a log-scale and is NOT rescaled."""
     norms = sae.W_dec.norm(dim=-1)  # (K?, d_sae)
     sae.W_dec.div_(norms.unsqueeze(-1))

@@ -30,7 +30,7 @@ _EXPORTS = {
     "SAEConfig": "saeforge.trainer.config",
     "TrainConfig": "saeforge.trainer.config",
     "train": ("saeforge.trainer.run", "train_from_store"),
-    "load_sae": ("saeforge.trainer.io", "load_sae"),
+    "load_sae": ("saeforge.trainer.saelens_files", "load_sae"),
     "HarvestConfig": "saeforge.pipeline.harvest",
     "harvest": "saeforge.pipeline.harvest",
     "EvalConfig": "saeforge.pipeline.evaluate",

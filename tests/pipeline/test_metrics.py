@@ -1,4 +1,4 @@
-"""Metric functions against hand-computed values and direct computations (PAPER.md §4, §8 checks 15-17)."""
+"""Metric functions against hand-computed values and direct computations (arXiv 2404.16014 §2.3 eq. 5, §4.2 eq. 10)."""
 import math
 
 import numpy as np

@@ -1,7 +1,6 @@
 """Sweep reports (table + PNGs) and the `saeforge eval` / `saeforge plot` commands through CliRunner."""
 import csv
 import json
-import shutil
 
 import pytest
 from click.testing import CliRunner

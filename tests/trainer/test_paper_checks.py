@@ -1,4 +1,4 @@
-"""PAPER.md §8 acceptance checks 1-14 that apply to the trainer, in float64 where the check says so."""
+"""Acceptance checks of the paper's trainer (arXiv 2404.16014 §2-3, App. D-E), in float64 where the check says so."""
 import pytest
 import torch
 from torch.nn.functional import relu

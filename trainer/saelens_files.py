@@ -99,7 +99,8 @@ def _module_for(cfg: dict, state: dict, run_dir: Path) -> SAE:
 
 
 def load_sae(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[SAE, RunInfo]:
-    """(SAE working on the original-scale activations, RunInfo) from a run directory."""
+    """(SAE working on the original-scale activations, RunInfo) from a run directory; the module also carries
+    the RunInfo as `sae.info` (its cfg.json as `sae.info.cfg`)."""
     run_dir = Path(run_dir)
     cfg = read_cfg(run_dir)
     weights = run_dir / WEIGHTS_FILE
@@ -113,4 +114,5 @@ def load_sae(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[S
     info = RunInfo(run_dir, sae.architecture, meta.get("hook_name") or cfg.get("hook_name"),
                    meta.get("model_name") or cfg.get("model_name"), cfg.get("saeforge", {}).get("store"),
                    cfg["d_in"], cfg["d_sae"], cfg)
+    sae.info = info  # the SAE carries its run's config (cfg.json, hook, model, store) wherever it goes
     return sae, info

@@ -65,6 +65,7 @@ def test_run_directory_layout_and_load_sae_round_trip(store, tmp_path):
     assert summary[0]["l0"] == lines[-1]["l0"]
 
     sae, info = load_sae(run)
+    assert sae.info is info and sae.info.cfg["saeforge"]["sae"]["arch"] == "gated"
     with torch.no_grad():  # the last logged L0 is the saved SAE's on the store's rows, up to the window's drift
         l0 = (sae.encode(torch.from_numpy(store_acts())) > 0).sum(-1).double().mean().item()
     assert 1 < l0 < 31 and lines[-1]["l0"] == pytest.approx(l0, rel=0.1)

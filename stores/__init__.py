@@ -10,13 +10,15 @@ trainer and pipeline share: ``stores.files`` (atomic writes, JSON, sha256), ``st
 progress bar), ``stores.background`` (the prefetching thread) and ``schema.hook_layer``.
 
 Modules: schema (format, dtypes, codecs) · attrs (typed group attributes) · errors · spec (writer settings)
-· writer · staging · hashing · shuffle · lock · stats · reader · plan · chunkread · loader · verify · cli
-· files · progress · background.
+· writer · staging · hashing · shuffle · lock · tidy (what a killed writer leaves) · stats · reader · strict
+(no fill values for absent chunks) · integrity (the check on open) · records (run records) · plan · chunkread
+· loader · verify · cli · files · progress · background.
 """
 from saeforge.stores.attrs import ChunkLayout, Completion, HookStats, ShuffleParams, StoreAttrs
-from saeforge.stores.errors import (ChecksumError, HookNotInStore, InvalidInput, SchemaMismatch, StoreError,
-                                    StoreIncomplete, StoreLocked, StoreNotFound)
+from saeforge.stores.errors import (ChecksumError, DiskFull, HookNotInStore, InvalidInput, SchemaMismatch,
+                                    StoreDamaged, StoreError, StoreIncomplete, StoreLocked, StoreNotFound)
 from saeforge.stores.reader import Store, open_store
+from saeforge.stores.records import read_run_record, write_run_record
 from saeforge.stores.schema import hook_layer
 from saeforge.stores.verify import VerifyReport, verify_store
 from saeforge.stores.writer import StoreWriter
@@ -33,4 +35,4 @@ def __getattr__(name):  # the loader imports torch: load it only when asked for
 __all__ = ["StoreWriter", "open_store", "Store", "StoreLoader", "LoaderCounters", "verify_store", "VerifyReport",
            "HookStats", "StoreError", "StoreNotFound", "SchemaMismatch", "StoreIncomplete", "ChecksumError",
            "StoreLocked", "HookNotInStore", "InvalidInput", "StoreAttrs", "ShuffleParams", "ChunkLayout",
-           "Completion", "hook_layer"]
+           "Completion", "hook_layer", "StoreDamaged", "DiskFull", "write_run_record", "read_run_record"]

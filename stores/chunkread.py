@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from saeforge.stores.errors import ChecksumError
+from saeforge.stores.errors import ChecksumError, StoreDamaged
 
 _MISSING = 2**64 - 1
 
@@ -60,16 +60,25 @@ class ChunkReader:
         return self.loc.sub(self.name, "c", str(shard), "0")
 
     def _read_range(self, path: str, start: int, stop: int | None) -> bytes:
+        try:
+            return self._read_file_range(path, start, stop)
+        except FileNotFoundError:
+            shard = path.rsplit("/", 2)[-2]
+            raise StoreDamaged(f"{self.path}: {self.name} shard file {self.name}/c/{shard}/0 is missing, so its "
+                               f"rows cannot be read; the store is damaged (run `saeforge store verify "
+                               f"{self.path}`)") from None
+
+    def _read_file_range(self, path: str, start: int, stop: int | None) -> bytes:
         if self.loc.is_local:
             with open(path, "rb") as f:
-                if start < 0:
-                    f.seek(start, os.SEEK_END)
+                if start < 0:  # the last -start bytes (all of them in a file truncated to fewer)
+                    f.seek(max(os.fstat(f.fileno()).st_size + start, 0))
                     return f.read()
                 f.seek(start)
                 return f.read(stop - start)
         if start < 0:
             size = self.loc.fs.size(path)
-            start, stop = size + start, size
+            start, stop = max(size + start, 0), size
         return self.loc.fs.cat_file(path, start, stop)
 
     def index(self, shard: int) -> np.ndarray:
@@ -77,9 +86,10 @@ class ChunkReader:
         if shard not in self._index:
             raw = self._read_range(self._file(shard), -(self.per_shard * 16 + 4), None)
             body, crc = raw[:-4], int.from_bytes(raw[-4:], "little")
-            if _crc32c(body) != crc:
+            if len(raw) != self.per_shard * 16 + 4 or _crc32c(body) != crc:
                 raise ChecksumError(f"{self.path}: {self.name} shard {shard} (file {self.name}/c/{shard}/0): "
-                                    "crc32c mismatch in the shard index; the file is corrupt")
+                                    "crc32c mismatch in the shard index; the file is corrupt (run `saeforge store verify "
+                                    f"{self.path}`)")
             self._index[shard] = np.frombuffer(body, dtype="<u8").reshape(self.per_shard, 2)
         return self._index[shard]
 
@@ -88,23 +98,35 @@ class ChunkReader:
         shard, d = lo // self.shard_rows, self.shape[1]
         c0 = (lo - shard * self.shard_rows) // self.chunk_rows
         c1 = -(-(hi - shard * self.shard_rows) // self.chunk_rows)
+        self.check_present(shard, lo, hi)
         idx = self.index(shard)[c0:c1]
-        present = idx[:, 0] != _MISSING
         out = np.empty((hi - lo, d), self.dtype)
-        if not present.any():
-            out[:] = 0
-            return out, 0
-        start = int(idx[present, 0].min())
-        stop = int((idx[present, 0] + idx[present, 1]).max())
+        start = int(idx[:, 0].min())
+        stop = int((idx[:, 0] + idx[:, 1]).max())
         buf = memoryview(self._read_range(self._file(shard), start, stop))
         for k, (off, size) in enumerate(idx.tolist()):
             r0 = (c0 + k) * self.chunk_rows + shard * self.shard_rows - lo
             r1 = min(r0 + self.chunk_rows, hi - lo)
-            if off == _MISSING:
-                out[r0:r1] = 0
-                continue
             self._decode(buf[off - start : off - start + size], out, r0, r1, c0 + k, shard)
         return out, stop - start
+
+    def check_present(self, shard: int, lo: int = 0, hi: int | None = None) -> None:
+        """StoreDamaged when a chunk of the shard holding rows of [lo, hi) is absent from the shard's index.
+
+        The writer writes every chunk (even one of zeros), so an absent chunk is damage: it is never read as
+        the fill value.
+        """
+        base = shard * self.shard_rows
+        hi = self.shape[0] if hi is None else hi
+        c0 = max(lo - base, 0) // self.chunk_rows
+        c1 = -(-(min(hi, base + self.shard_rows, self.shape[0]) - base) // self.chunk_rows)
+        absent = np.nonzero(self.index(shard)[c0:c1, 0] == _MISSING)[0]
+        if len(absent):
+            first = base + (c0 + int(absent[0])) * self.chunk_rows
+            raise StoreDamaged(f"{self.path}: {self.name} rows {first}:{min(first + self.chunk_rows, self.shape[0])} "
+                               f"(chunk {c0 + int(absent[0])} of file {self.name}/c/{shard}/0) are missing from the "
+                               f"shard's index, so they cannot be read; the store is damaged (run `saeforge store "
+                               f"verify {self.path}`)")
 
     def _decode(self, chunk, out, r0, r1, chunk_no, shard) -> None:
         if _crc32c(chunk[:-4]) != int.from_bytes(chunk[-4:], "little"):

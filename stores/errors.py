@@ -23,8 +23,17 @@ class StoreIncomplete(StoreError):
     """The store's writer has not finished (crashed or still running); it can be resumed."""
 
 
-class ChecksumError(StoreError):
+class StoreDamaged(StoreError):
+    """A complete store whose files disagree with what it says about itself: a missing or undecodable chunk,
+    array metadata or attributes edited, statistics that cannot be right. Nothing is read from it."""
+
+
+class ChecksumError(StoreDamaged):
     """A chunk's stored crc32c does not match its bytes: the data on disk is corrupt."""
+
+
+class DiskFull(StoreError):
+    """The filesystem ran out of space while the writer was writing; rerunning the same command resumes."""
 
 
 class StoreLocked(StoreError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -28,6 +29,17 @@ _HASH_BLOCK = 1 << 20
 def _tmp_name(path: Path) -> Path:
     """A hidden temporary name beside ``path``, unique per process and thread."""
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+_TMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.\d+\.tmp|(?P<old>.+)\.(?P<old_pid>\d+)\.tmp")
+"""``_tmp_name``'s pattern, and ``<name>.<pid>.tmp``, the temporary name of earlier saeforge versions."""
+
+
+def temp_file_pid(name: str) -> int | None:
+    """The pid of the process that wrote ``name`` when it is the temporary file of an atomic write (a kill
+    between writing it and renaming it leaves one behind); None for any other name."""
+    m = _TMP_NAME.fullmatch(name)
+    return None if m is None else int(m["pid"] or m["old_pid"])
 
 
 def _fsync_dir(directory: str | os.PathLike) -> None:

@@ -20,9 +20,9 @@ import torch
 
 from saeforge.stores import schema
 from saeforge.stores.chunkread import ChunkReader
-from saeforge.stores.errors import ChecksumError, InvalidInput, StoreError
+from saeforge.stores.errors import InvalidInput, StoreDamaged, StoreError
 from saeforge.stores.plan import epoch_plan, skip_segments, window_order
-from saeforge.stores.reader import Store, open_store
+from saeforge.stores.reader import Store, open_store, read_error
 
 READ_TARGET_BYTES = 8 << 20
 """Default read unit: whole chunks adding up to ~8 MiB decoded (over all requested hooks)."""
@@ -74,7 +74,6 @@ class StoreLoader:
         self.out_dtype, self.device, self.prefetch_batches = out_dtype, device, max(1, prefetch_batches)
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.unit_rows = self.store.chunk_rows * (read_chunks or self._default_read_chunks())
-        self._arrays = {h: self.store.array(h) for h in self.hooks}
         self._fast = {h: ChunkReader(self.store, h) for h in self.hooks
                       if fast_path and ChunkReader.supports(self.store, h)}
         self._state = (0, 0)
@@ -257,11 +256,13 @@ class StoreLoader:
                 if h in self._fast:
                     raw, stored = self._fast[h].read(lo, hi)
                 else:
-                    raw = self._arrays[h][lo:hi]
-            except ChecksumError:
+                    raw = self.store.read_raw(h, lo, hi)
+            except StoreError:  # checksum mismatches, absent chunks: already named
                 raise
             except Exception as e:  # noqa: BLE001 - name the chunk; checksum failures get their own type
-                raise _read_error(self.store, h, lo, hi, e) from e
+                raise read_error(self.store, h, lo, hi, e) from e
+            if schema.any_nonfinite(raw, self.store.dtype):  # the writer stores finite rows only
+                raise _nonfinite_error(self.store, h, lo, raw)
             nbytes += raw.nbytes  # decoded bytes (what the consumer gets)
             out[h] = self._to_torch(raw)
         with self._lock:
@@ -277,9 +278,9 @@ class StoreLoader:
         return t if t.dtype == self.out_dtype else t.to(self.out_dtype)
 
 
-def _read_error(store: Store, hook: str, lo: int, hi: int, e: Exception) -> StoreError:
-    where = f"{store.path}: {hook} rows {lo}:{hi} (shard file {hook}/c/{lo // store.shard_rows}/0)"
-    if "checksum" in str(e).lower():
-        return ChecksumError(f"{where}: crc32c checksum mismatch, the data on disk is corrupt "
-                             f"(run `saeforge store verify {store.path}`)")
-    return StoreError(f"{where}: could not be read: {type(e).__name__}: {e}")
+
+def _nonfinite_error(store: Store, hook: str, lo: int, raw: np.ndarray) -> StoreDamaged:
+    rows = (lo + np.nonzero(schema.nonfinite_rows(raw, store.dtype))[0]).tolist()
+    shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+    return StoreDamaged(f"{store.path}: {hook} rows {shown} hold NaN or inf; the writer stores finite rows only, so "
+                        f"the store was altered after it was written (run `saeforge store verify {store.path}`)")

@@ -1,17 +1,24 @@
 """open_store: a complete store, read-only, with its typed attributes, statistics and convenience reads.
 
 The attributes are read once, when the store is opened, and kept typed (``Store.attrs``, a ``StoreAttrs``).
-Reads decode on demand: ``read``/``read_numpy`` (float32 rows), ``to_dask`` (a lazy float array, bf16
-included), ``array`` (the raw zarr array, in the storage dtype).
+Opening runs the cheap consistency check (``integrity.check_store``) and removes what a writer killed after
+its completion record left behind (``tidy.tidy_complete``). Reads decode on demand: ``read``/``read_numpy``
+(float32 rows), ``to_dask`` (a lazy float array, bf16 included), ``array`` (the raw zarr array, in the
+storage dtype). A chunk that is not there is an error, never a block of fill values (``strict.StrictStore``).
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numpy as np
 
 from saeforge.stores import schema
 from saeforge.stores.attrs import FORMAT_KEY, HookStats, StoreAttrs, parse_attrs, read_group_attrs
-from saeforge.stores.errors import HookNotInStore, StoreIncomplete, StoreNotFound
+from saeforge.stores.errors import (ChecksumError, HookNotInStore, SchemaMismatch, StoreDamaged, StoreError,
+                                    StoreIncomplete, StoreNotFound)
 from saeforge.stores.files import read_json
+from saeforge.stores.integrity import check_store, damaged
+from saeforge.stores.tidy import tidy_complete
 
 
 def read_attrs(path_or_url, *, require_complete: bool = True) -> tuple[schema.Location, StoreAttrs]:
@@ -23,10 +30,18 @@ def read_attrs(path_or_url, *, require_complete: bool = True) -> tuple[schema.Lo
         raw = read_group_attrs(loc)
     except (ValueError, OSError) as e:
         raise StoreNotFound(f"{loc.url} is not a saeforge store: unreadable zarr.json ({e})") from e
+    if raw is None and loc.fs.exists(loc.sub(schema.STATE_DIR)):
+        raise StoreNotFound(f"{loc.url} holds no store yet: its writer stopped before writing the group's "
+                            "zarr.json (only writer state is there); rerun the same harvest command to write it")
     if raw is None or FORMAT_KEY not in raw:
         what = "no zarr.json" if raw is None else "a zarr group without saeforge attributes"
         raise StoreNotFound(f"{loc.url} is not a saeforge store ({what})")
     attrs = parse_attrs(loc, raw)
+    if attrs.complete is not None and attrs.complete.format_version != schema.FORMAT_VERSION:
+        raise SchemaMismatch(f"{loc.url}: its completion record has store format version "
+                             f"{attrs.complete.format_version!r}, its attributes {attrs.format_version!r}; this "
+                             f"saeforge reads version {schema.FORMAT_VERSION} only (an edited or foreign store: "
+                             "re-harvest it)")
     if require_complete and not attrs.is_complete:
         raise StoreIncomplete(_incomplete_message(loc))
     return loc, attrs
@@ -48,15 +63,18 @@ class Store:
     def __init__(self, loc: schema.Location, attrs: StoreAttrs):
         import zarr
 
+        from saeforge.stores.strict import StrictStore
+
         self.loc, self.attrs = loc, attrs
         self.path = loc.url
-        self.group = zarr.open_group(loc.zarr_store(read_only=True), mode="r")
+        self.group = zarr.open_group(StrictStore(loc.zarr_store(read_only=True), loc.url), mode="r")
         self.n_rows: int = int(attrs.n_rows)
         self.hooks: list[str] = list(attrs.hooks)
         self.dtype: str = attrs.dtype
         self.provenance: dict = attrs.provenance or {}
         self.chunk_rows: int = int(attrs.layout.chunk_rows)
         self.shard_rows: int = int(attrs.layout.shard_rows)
+        self._readers: dict = {}  # hook -> ChunkReader, whose shard indexes say which chunks are there
 
     def __repr__(self):
         hooks = ", ".join(f"{h} (d={self.d(h)})" for h in self.hooks)
@@ -85,8 +103,39 @@ class Store:
 
     def read_numpy(self, hook: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) of a hook as float32 numpy (rows, d)."""
-        raw = self.array(hook)[start:stop]
+        raw = self.read_raw(hook, start, stop)
         return schema.bf16_bits_to_fp32(raw) if self.dtype == "bfloat16" else raw.astype(np.float32, copy=False)
+
+    def read_raw(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of any array in its storage dtype, through zarr: every chunk checked to be there
+        (never fill values) and its crc32c; a StoreError naming the rows otherwise."""
+        arr = self.array(name)
+        lo, hi, _ = slice(start, stop).indices(arr.shape[0])
+        with self._reading(name, lo, hi):
+            self.check_present(name, lo, hi)
+            return arr[lo:hi]
+
+    def check_present(self, name: str, lo: int, hi: int) -> None:
+        """StoreDamaged when a chunk of rows [lo, hi) of a hook is absent from its shard's index (missing files
+        are caught by ``StrictStore`` and on open)."""
+        if name not in self.attrs.hooks or hi <= lo:
+            return
+        from saeforge.stores.chunkread import ChunkReader
+
+        reader = self._readers.get(name)
+        if reader is None:
+            reader = self._readers[name] = ChunkReader(self, name)
+        for shard in range(lo // self.shard_rows, (hi - 1) // self.shard_rows + 1):
+            reader.check_present(shard, lo, hi)
+
+    @contextmanager
+    def _reading(self, name: str, lo: int, hi: int):
+        try:
+            yield
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - zarr's decode errors, named by array and rows
+            raise read_error(self, name, lo, hi, e) from e
 
     def read(self, hook: str, start: int = 0, stop: int | None = None):
         """Rows [start, stop) of a hook as a float32 torch tensor (rows, d)."""
@@ -111,13 +160,13 @@ class Store:
         return blocks
 
     def token_ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self.group["token_ids"][start:stop]
+        return self.read_raw("token_ids", start, stop)
 
     def seq_idx(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self.group["seq_idx"][start:stop]
+        return self.read_raw("seq_idx", start, stop)
 
     def pos(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self.group["pos"][start:stop]
+        return self.read_raw("pos", start, stop)
 
     def nbytes_stored(self) -> int:
         """Bytes on disk of every array (excluding metadata)."""
@@ -125,8 +174,24 @@ class Store:
 
 
 def open_store(path_or_url) -> Store:
-    """Open a complete store for reading: StoreNotFound / SchemaMismatch / StoreIncomplete otherwise."""
+    """Open a complete store for reading: StoreNotFound / SchemaMismatch / StoreIncomplete otherwise, and
+    StoreDamaged when the cheap consistency check (``integrity.check_store``) finds anything wrong."""
     if isinstance(path_or_url, Store):
         return path_or_url
     loc, attrs = read_attrs(path_or_url)
+    tidy_complete(loc)
+    problems = check_store(loc, attrs)
+    if problems:
+        raise damaged(loc, problems)
     return Store(loc, attrs)
+
+
+def read_error(store: Store, name: str, lo: int, hi: int, e: Exception) -> StoreError:
+    """A failed read of rows [lo, hi) of an array, as the StoreError that names it."""
+    shard = f"{name}/c/{lo // store.shard_rows}" + ("/0" if name in store.attrs.hooks else "")
+    where = f"{store.path}: {name} rows {lo}:{hi} (file {shard})"
+    if "checksum" in str(e).lower():
+        return ChecksumError(f"{where}: crc32c checksum mismatch, the data on disk is corrupt "
+                             f"(run `saeforge store verify {store.path}`)")
+    return StoreDamaged(f"{where} could not be read ({type(e).__name__}: {e}); the store is damaged "
+                        f"(run `saeforge store verify {store.path}`)")

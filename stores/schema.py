@@ -5,7 +5,10 @@ Layout of a store (one Zarr v3 group)::
     <store>/zarr.json                 group attributes (``attrs.StoreAttrs``), completion record last
     <store>/<hook>/                   (rows, d) array per hook point; bfloat16 stored as its uint16 bit pattern
     <store>/token_ids, seq_idx, pos   (rows,) arrays aligned with the hooks row for row
+    <store>/records/                  run records (a group whose attributes they are; ``records.py``)
     <store>/.saeforge/                writer state while incomplete (lock, progress, staged buckets)
+
+Every chunk is written, even one equal to the fill value, so an absent chunk is damage, never zeros.
 
 Codecs (measured by ``scripts/bench_codecs.py`` on SmolLM2 residual activations): blosc (byte-shuffle +
 zstd(1), 1 MiB blocks), crc32c, inside a sharding codec so a 10^9-row store is ~10^4 files per hook.
@@ -70,6 +73,29 @@ def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
 
 def to_float64(x: np.ndarray, dtype: str) -> np.ndarray:
     return bf16_bits_to_fp32(x).astype(np.float64) if dtype == "bfloat16" else x.astype(np.float64)
+
+
+_BITS = {"bfloat16": (np.uint16, np.int16, 0x7F80), "float16": (np.uint16, np.int16, 0x7C00),
+         "float32": (np.uint32, np.int32, 0x7F800000)}
+"""Per logical dtype: its bits as unsigned and as signed integers, and +inf's bits (exponent all ones)."""
+
+
+def any_nonfinite(x: np.ndarray, dtype: str) -> bool:
+    """Whether stored values hold a NaN or an inf, from their bits, with two allocation-free reductions: as
+    signed integers +inf and +NaN are the largest values, as unsigned ones -inf and -NaN are (the loader checks
+    every chunk so: about an eighth of the chunk's decode time on one core)."""
+    if x.size == 0:
+        return False
+    unsigned, signed, inf = _BITS[dtype]
+    sign = 1 << (8 * np.dtype(unsigned).itemsize - 1)
+    return int(x.view(signed).max()) >= inf or int(x.view(unsigned).max()) >= sign | inf
+
+
+def nonfinite_rows(x: np.ndarray, dtype: str) -> np.ndarray:
+    """(rows,) bool: which stored rows hold a NaN or an inf (for bfloat16 bits: exponent all ones)."""
+    if dtype == "bfloat16":
+        return ((x & np.uint16(0x7F80)) == 0x7F80).any(axis=1)
+    return ~np.isfinite(x).all(axis=1)
 
 
 def chunk_rows_for(d_max: int, itemsize: int) -> int:

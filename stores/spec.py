@@ -16,6 +16,7 @@ import numpy as np
 from saeforge.stores import schema
 from saeforge.stores.attrs import ChunkLayout, ShuffleParams, StoreAttrs
 from saeforge.stores.errors import InvalidInput
+from saeforge.stores.records import RECORDS
 from saeforge.stores.staging import Field
 
 SHUFFLE_DOC = ("two-pass external shuffle: row i goes to bucket splitmix64(splitmix64(i) ^ key(seed)) mod "
@@ -59,6 +60,9 @@ class WriterSpec:
         bad = {h: d for h, d in self.hooks.items() if not isinstance(d, (int, np.integer)) or d < 1 or "/" in h}
         if bad:
             problems.append(f"hooks need a positive int d and no '/' in the name: {bad}")
+        taken = sorted(set(self.hooks) & {*schema.META_ARRAYS, RECORDS, schema.STATE_DIR})
+        if taken:
+            problems.append(f"hook names {taken} are taken by the store's own arrays and folders")
         if self.expected_rows is not None and self.expected_rows < 0:
             problems.append(f"expected_rows must be >= 0, got {self.expected_rows}")
         if self.shard_rows % self.chunk_rows:

@@ -40,13 +40,20 @@ def write_staged(loc: Location, path: str, fields: list[Field], data: dict, buck
     order = np.argsort(buckets, kind="stable")
     counts = np.bincount(buckets, minlength=n_buckets).astype(np.int64)
     opener = open if loc.is_local else loc.fs.open
-    with opener(path, "wb") as f:  # one field at a time: peak memory is one sorted field, not all
-        f.write(counts.tobytes())
-        for fld in fields:
-            f.write(np.ascontiguousarray(data[fld.name][order]).data)
-        if loc.is_local:
-            f.flush()
-            os.fsync(f.fileno())
+    try:
+        with opener(path, "wb") as f:  # one field at a time: peak memory is one sorted field, not all
+            f.write(counts.tobytes())
+            for fld in fields:
+                f.write(np.ascontiguousarray(data[fld.name][order]).data)
+            if loc.is_local:
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError:  # a disk that filled up gets its space back (an uncommitted file is never read)
+        try:
+            loc.fs.rm_file(path)
+        except OSError:
+            pass
+        raise
     return StagedFile(path, counts)
 
 

@@ -4,15 +4,21 @@ Life of a store: ``staging`` (rows scattered to bucket files under ``.saeforge/s
 committed by atomically replacing ``.saeforge/progress.json``) -> ``writing`` (buckets permuted and
 written shard by shard; each shard committed the same way, with the float64 statistics accumulated so
 far) -> completion record in the group attributes, written last. A run killed at any point and reopened
-with the same config resumes from the last commit; the producer skips ``rows_staged`` rows.
+with the same config resumes from the last commit; the producer skips ``rows_staged`` rows. What a kill leaves
+(temporary files, the state folder of a complete store) is the writer's own (``tidy.py``); a full disk is a
+``DiskFull`` saying how much room the store needs, and rerunning resumes.
 """
 from __future__ import annotations
+
+import errno
+import shutil
+from contextlib import contextmanager
 
 import numpy as np
 
 from saeforge.stores import schema
 from saeforge.stores.attrs import FORMAT_KEY, StoreAttrs, parse_attrs, read_group_attrs, write_group_attrs
-from saeforge.stores.errors import SchemaMismatch, StoreError
+from saeforge.stores.errors import DiskFull, SchemaMismatch, StoreError
 from saeforge.stores.files import read_json, write_json_atomic
 from saeforge.stores.lock import acquire_lock, release_lock
 from saeforge.stores.progress import progress_bar
@@ -20,6 +26,9 @@ from saeforge.stores.shuffle import ShuffleContext, Stager, iter_shuffled
 from saeforge.stores.spec import WriterSpec, create_arrays
 from saeforge.stores.staging import read_counts
 from saeforge.stores.stats import StatsAccumulator
+from saeforge.stores.tidy import foreign_names, remove_temps, tidy_complete
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
 class StoreWriter:
@@ -42,21 +51,31 @@ class StoreWriter:
         self._state_dir = self.loc.sub(schema.STATE_DIR)
         self._lock = f"{self._state_dir}/lock"
         self._closed = False
-        self._open_or_create()
+        self._locked = False
+        self._progress = None
+        with self._disk_full_is_a_store_error():
+            self._open_or_create()
 
     # --- opening -------------------------------------------------------------------------------------
     def _open_or_create(self) -> None:
         fs, loc = self.loc.fs, self.loc
         attrs = self._existing_attrs()
         if attrs is not None and attrs.is_complete:
+            tidy_complete(loc)
             raise StoreError(f"{loc.url} is already a complete store ({attrs.n_rows} rows); "
                              "delete it or choose another path to write a new one")
         fs.makedirs(f"{self._state_dir}/stage", exist_ok=True)
         acquire_lock(loc, self._lock)
+        self._locked = True
         try:
             attrs = self._existing_attrs()  # again, under the lock: a writer may have finished meanwhile
             if attrs is not None and attrs.is_complete:
+                tidy_complete(loc)
                 raise StoreError(f"{loc.url} is already a complete store; delete it or choose another path")
+            # what writers killed mid-write left (only the lock holder writes here; lock files being
+            # created by other writers right now are theirs)
+            remove_temps(loc, loc.root, only_dead=False)
+            remove_temps(loc, self._state_dir, only_dead=True)
             self._progress = read_json(loc, self._progress_path) if attrs is not None else None
             if attrs is not None:
                 self._check_same_config(attrs.writer_config)
@@ -66,17 +85,24 @@ class StoreWriter:
                 self._progress = {"phase": "staging", "n_files": 0, "rows_staged": 0}
                 self._commit()
         except BaseException:
-            release_lock(loc, self._lock)
+            self._release()
             raise
         self._stager = self._make_stager()
 
     def _existing_attrs(self) -> StoreAttrs | None:
         """The attributes of the store already at the path (None: nothing there); refuses anything else."""
         fs, loc = self.loc.fs, self.loc
-        raw = read_group_attrs(loc)
+        try:
+            raw = read_group_attrs(loc)
+        except ValueError as e:  # not JSON
+            raise StoreError(f"{loc.url}/zarr.json cannot be read as JSON ({e}); this is no store this writer "
+                             "can resume: choose an empty or new path") from None
         if raw is None:
-            if fs.exists(loc.root) and set(_names(fs, loc.root)) - {schema.STATE_DIR}:
-                raise StoreError(f"{loc.url} exists and is not a saeforge store; choose an empty or new path")
+            foreign = foreign_names(loc) if fs.exists(loc.root) else []
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else "")
+                raise StoreError(f"{loc.url} exists and is not a saeforge store (it holds {shown}); "
+                                 "choose an empty or new path")
             return None
         if FORMAT_KEY not in raw:
             raise StoreError(f"{loc.url} is a zarr group but not a saeforge store; refusing to write there")
@@ -96,6 +122,41 @@ class StoreWriter:
 
     def _commit(self) -> None:
         write_json_atomic(self.loc, self._progress_path, self._progress)
+
+    @contextmanager
+    def _disk_full_is_a_store_error(self):
+        """A full disk (ENOSPC, or a quota) becomes DiskFull: how much room is needed, and that a rerun resumes.
+        Nothing committed is lost: the progress record still names the last complete step."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in _NO_SPACE:
+                raise
+            self.abort()
+            raise DiskFull(self._disk_full_message(e)) from e
+
+    def _disk_full_message(self, e: OSError) -> str:
+        p, row = self._progress or {}, self.spec.row_bytes
+        if p.get("phase") == "writing":
+            where = f"writing the shuffled arrays ({p['rows_written']:,} of {p['n_rows']:,} rows written)"
+            need = (f"up to {_size((p['n_rows'] - p['rows_written']) * row)} more for the rest of the arrays "
+                    "(their uncompressed size; the staged rows are freed when the store completes)")
+        else:
+            staged, total = int(p.get("rows_staged", 0)), self.spec.expected_rows
+            where = f"staging rows ({staged:,} staged so far)"
+            need = (f"about {_size(max(total - staged, 0) * row + total * row)} more "
+                    f"({_size(total * row)} staged rows plus at most as much again for the arrays, until the "
+                    "staged rows are freed at the end)" if total else
+                    f"about twice the raw size of the rows ({row} B per row) in all")
+        free = ""
+        if self.loc.is_local:
+            try:
+                free = f", {_size(shutil.disk_usage(self.loc.root).free)} free now"
+            except OSError:
+                pass
+        return (f"{self.loc.url}: the disk is full ([Errno {e.errno}] {e.strerror}) while {where}; the store needs "
+                f"{need}{free}. Free some space, then rerun the same command: it resumes from the last step "
+                "it committed")
 
     def _ctx(self) -> ShuffleContext:
         s = self.spec
@@ -133,7 +194,8 @@ class StoreWriter:
         if self._progress["phase"] != "staging":
             raise StoreError(f"{self.loc.url}: all rows were already staged by an earlier run "
                              f"({self.rows_staged}); skip them and call close() to finish")
-        self._stager.add(data)
+        with self._disk_full_is_a_store_error():
+            self._stager.add(data)
 
     # --- finishing -----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -141,29 +203,27 @@ class StoreWriter:
         if self._closed:
             return
         try:
-            if self._progress["phase"] == "staging":
-                self._stager.flush()
-                self._start_writing()
-            if self._progress["rows_written"] < self._progress["n_rows"]:
-                self._write_rows()
-            self._complete()
+            with self._disk_full_is_a_store_error():
+                if self._progress["phase"] == "staging":
+                    self._stager.flush()
+                    self._start_writing()
+                if self._progress["rows_written"] < self._progress["n_rows"]:
+                    self._write_rows()
+                self._complete()
         finally:
             self._closed = True
-            release_lock(self.loc, self._lock)
-        self._remove_state_dir()
-
-    def _remove_state_dir(self) -> None:
-        """A complete store keeps no writer state: plain zarr then lists only arrays and the group."""
-        try:
-            if self.loc.fs.exists(self._state_dir):
-                self.loc.fs.rm(self._state_dir, recursive=True)
-        except OSError:
-            pass  # best effort: an empty leftover folder is harmless
+            self._release()
+        tidy_complete(self.loc)  # a complete store keeps no writer state: plain zarr lists only its arrays
 
     def abort(self) -> None:
         """Stop without finishing: the store stays incomplete and resumable."""
         if not self._closed:
             self._closed = True
+            self._release()
+
+    def _release(self) -> None:
+        if self._locked:
+            self._locked = False
             release_lock(self.loc, self._lock)
 
     def __enter__(self):
@@ -190,7 +250,9 @@ class StoreWriter:
 
         p, spec = self._progress, self.spec
         group = zarr.open_group(self.loc.zarr_store(), mode="r+")
-        arrays = {f.name: group[f.name] for f in spec.fields()}
+        # every chunk is written, even one equal to the fill value: a reader then knows that a chunk file
+        # or shard-index entry that is not there is damage, never a chunk of zeros
+        arrays = {f.name: group[f.name].with_config({"write_empty_chunks": True}) for f in spec.fields()}
         acc = StatsAccumulator.from_json(p["stats_acc"])
         pending, n_pending = [], 0
         stream = iter_shuffled(self._ctx(), self._staged_files(), spec.n_buckets, (0,), p["rows_written"])
@@ -226,7 +288,10 @@ class StoreWriter:
         # no timestamps: same seed + same input = bit-identical store
         attrs = self.spec.initial_attrs().completed(p["n_rows"], stats)
         write_group_attrs(self.loc, attrs)  # the completion record: the last write of the store
-        self.loc.fs.rm(self._progress_path)
+        try:
+            self.loc.fs.rm_file(self._progress_path)
+        except FileNotFoundError:  # a reader that opened the complete store has tidied it already
+            pass
 
     def _remove_partial_files(self) -> None:
         """zarr's LocalStore writes ``<key>.<uuid>.partial`` then renames; a kill leaves the temp file."""
@@ -255,6 +320,11 @@ def _take_rows(pending: list, n: int) -> dict:
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
-def _names(fs, root):
-    return [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)]
-
+def _size(n_bytes: float) -> str:
+    if n_bytes < 1024:
+        return f"{n_bytes:,.0f} B"
+    for unit in ("KiB", "MiB"):
+        n_bytes /= 1024
+        if n_bytes < 1024:
+            return f"{n_bytes:,.1f} {unit}"
+    return f"{n_bytes / 1024:,.1f} GiB"

@@ -1,8 +1,14 @@
 """A producer that test_crash.py kills with SIGKILL: deterministic stream, resumes by skipping rows_staged.
 
-    python crash_writer.py PATH
+    python crash_writer.py PATH [KILL_AT]
 Prints "started" once the writer is open, "staged" before close(); exits 0 when the store is complete.
+KILL_AT makes it SIGKILL itself at a chosen point instead of at a random time:
+``create`` (the first zarr.json written to its temporary file, not yet renamed), ``lock`` (the lock written to
+its temporary file, not yet linked), ``shard:K`` (in the write phase, the K-th shard of this run written but
+not yet committed), ``completed`` (just after the completion record).
 """
+import os
+import signal
 import sys
 
 import numpy as np
@@ -24,7 +30,47 @@ def batches():
         yield {h: a[idx] for h, a in acts.items()}, idx
 
 
-def main(path):
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm(kill_at: str) -> None:
+    """Patch the writer's steps so that this process kills itself at ``kill_at``."""
+    from saeforge.stores import writer
+
+    if kill_at == "create":
+        replace = os.replace
+        os.replace = lambda src, dst: die() if str(dst).endswith("zarr.json") else replace(src, dst)
+    elif kill_at == "lock":
+        os.link = lambda src, dst: die()
+    elif kill_at.startswith("shard:"):
+        left = [int(kill_at.split(":")[1])]
+        commit = writer.StoreWriter._commit
+
+        def commit_or_die(self):
+            if self._progress.get("phase") == "writing" and self._progress.get("rows_written"):
+                left[0] -= 1
+                if left[0] == 0:
+                    die()  # the shard's rows are in the arrays; the progress record does not say so yet
+            commit(self)
+
+        writer.StoreWriter._commit = commit_or_die
+    elif kill_at == "completed":
+        write_attrs = writer.write_group_attrs
+
+        def write_then_die(loc, attrs):
+            write_attrs(loc, attrs)
+            if attrs.is_complete:
+                die()
+
+        writer.write_group_attrs = write_then_die
+    else:
+        raise SystemExit(f"unknown kill point {kill_at!r}")
+
+
+def main(path, kill_at=None):
+    if kill_at:
+        arm(kill_at)
     try:
         w = StoreWriter(path, HOOKS, **SETTINGS)
     except StoreError as e:
@@ -44,4 +90,4 @@ def main(path):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(*sys.argv[1:]))

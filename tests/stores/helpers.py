@@ -19,15 +19,20 @@ def stream(n: int, hooks: dict, seed: int = 0, batch: int = 250):
 
 
 def write_store(url, n=2000, hooks=None, dtype="float32", seed=0, batch=250, **kw):
-    """Write a store from ``stream`` and return the appended data (stream order) for comparison."""
+    """Write a store from ``stream`` and return the appended data (stream order) for comparison. Like a rerun
+    of harvest, it resumes an interrupted store (skipping the rows its writer already staged)."""
     from saeforge.stores import StoreWriter
 
     hooks = hooks or HOOKS
     settings = {**SMALL, "expected_rows": n, **kw}
     acts_all = {h: [] for h in hooks}
     with StoreWriter(url, hooks, dtype=dtype, seed=seed, provenance={"test": True}, **settings) as w:
+        skip = w.rows_staged
         for acts, tok, seq, pos in stream(n, hooks, seed=7, batch=batch):
-            w.append(acts, token_ids=tok, seq_idx=seq, pos=pos)
+            keep = tok >= skip
+            if keep.any():
+                w.append({h: a[keep] for h, a in acts.items()}, token_ids=tok[keep], seq_idx=seq[keep],
+                         pos=pos[keep])
             for h in hooks:
                 acts_all[h].append(acts[h])
     return {h: np.concatenate(v) for h, v in acts_all.items()}

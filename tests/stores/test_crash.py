@@ -90,3 +90,71 @@ def test_kills_hit_both_the_staging_and_the_writing_pass():
     if not KILLED_IN:
         pytest.skip("run together with the kill trials")
     assert {"staging", "writing"} <= set(KILLED_IN), KILLED_IN
+
+
+def run_until(path, kill_at: str) -> int:
+    """Run the producer armed to SIGKILL itself at ``kill_at`` (crash_writer.arm); its exit code."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(path), kill_at], stdout=subprocess.PIPE, text=True)
+    return proc.returncode
+
+
+def progress(path: Path) -> dict:
+    import json
+
+    return json.loads((path / STATE_DIR / "progress.json").read_text())
+
+
+def assert_same_store(path: Path, ref_path: Path) -> None:
+    got, want = store_files(path), store_files(ref_path)
+    assert sorted(got) == sorted(want)
+    different = [k for k in want if got[k] != want[k]]
+    assert not different, f"files differ: {different[:5]}"
+    assert not (path / STATE_DIR).exists(), "a complete store keeps no writer state"
+    assert verify_store(path).ok
+
+
+def test_killed_twice_while_finalizing_then_resumed_is_bit_identical(tmp_path, reference):
+    path = tmp_path / "store"
+    assert run_until(path, "shard:3") == -signal.SIGKILL
+    first = progress(path)
+    assert first["phase"] == "writing" and 0 < first["rows_written"] < first["n_rows"]
+    assert run_until(path, "shard:2") == -signal.SIGKILL  # resumed in the write phase, killed again
+    second = progress(path)
+    assert second["phase"] == "writing" and first["rows_written"] < second["rows_written"] < second["n_rows"]
+    assert run_writer(path)[0] == 0
+    assert_same_store(path, reference[0])
+
+
+@pytest.mark.parametrize("kill_at, leftover", [
+    ("create", r"\.zarr\.json\.\d+\.\d+\.tmp"),  # killed writing the store's first zarr.json
+    ("lock", r"\.saeforge/\.lock\.\d+\.\d+\.tmp"),  # killed writing its lock
+])
+def test_killed_while_creating_the_store_then_resumed(tmp_path, reference, kill_at, leftover):
+    import re
+
+    path = tmp_path / "store"
+    assert run_until(path, kill_at) == -signal.SIGKILL
+    left = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
+    assert any(re.fullmatch(leftover, name) for name in left), left
+    assert not (path / STATE_DIR / "lock").exists() or kill_at == "create"
+    assert run_writer(path)[0] == 0  # the rerun resumes: the leftovers are the writer's own
+    assert_same_store(path, reference[0])
+    assert not [p for p in path.rglob("*.tmp")]
+
+
+def test_killed_just_after_the_completion_record_leaves_nothing_for_good(tmp_path, reference):
+    import warnings
+
+    import zarr
+
+    path = tmp_path / "store"
+    assert run_until(path, "completed") == -signal.SIGKILL
+    assert (path / STATE_DIR / "lock").exists() and (path / STATE_DIR / "progress.json").exists()
+    assert open_store(path).n_rows == 4000  # opening a complete store removes what its writer left
+    assert not (path / STATE_DIR).exists()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(list(zarr.open_group(str(path), mode="r").arrays())) == 5
+    assert not caught, [str(w.message) for w in caught]
+    assert run_writer(path)[0] == 0  # rerunning the harvest: nothing to do
+    assert_same_store(path, reference[0])

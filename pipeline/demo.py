@@ -62,9 +62,10 @@ class Preset:
 
 
 PRESETS = {
-    # ~25 minutes on a 2-core CPU in fp32: 3 sites x (2 Gated + 2 baseline), 0.3M tokens, 16k eval tokens.
+    # Sized for <= 30 minutes on a 2-core CPU in fp32: 3 sites x (2 Gated + 2 baseline), 0.3M tokens, 8k eval
+    # tokens (eval dominates: every SAE reruns the 20 blocks after layer 10 and the unembedding).
     "demo": Preset(tokens=300_000, d_sae=512, gated_l1=(2e-3, 8e-3), baseline_l1=(3e-6, 1.2e-5), steps=800,
-                   eval_tokens=16384),
+                   eval_tokens=8192),
     # The study: 3 sites x 2 architectures x 5 lambdas from one 1M-token harvest, 2^17 eval tokens.
     "study": Preset(tokens=1_000_000, d_sae=768, gated_l1=(1.2e-3, 2.4e-3, 4.8e-3, 9.6e-3, 1.9e-2),
                     baseline_l1=(1.7e-6, 2.9e-6, 5e-6, 8.6e-6, 1.5e-5), steps=2000, eval_tokens=2 ** 17),
@@ -109,6 +110,7 @@ def run_demo(out: str | Path, *, preset: str | Preset = "demo", dtype: str = "au
     `PRESETS` or a `Preset`; `model` and `dataset` take what `saeforge harvest` takes."""
     from saeforge.pipeline.evaluate import EvalConfig, evaluate_runs
     from saeforge.pipeline.harvest import HarvestConfig, harvest
+    from saeforge.pipeline.paths import check_output_dir
     from saeforge.pipeline.plots import plot_sweep
     from saeforge.pipeline.report import write_report
     from saeforge.stores import open_store
@@ -117,9 +119,10 @@ def run_demo(out: str | Path, *, preset: str | Preset = "demo", dtype: str = "au
     from saeforge.trainer.run import train_from_store
 
     p = PRESETS[preset] if isinstance(preset, str) else preset
+    check_output_dir(out, "OUT")  # before anything is made: bad input leaves no folder behind
+    compute = resolve_dtype(dtype, device)  # an unknown or absent --device fails here
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    compute = resolve_dtype(dtype, device)
     times = StageTimes()
     hcfg = HarvestConfig(out=str(out / "store"), model=model, dataset=dataset, device=device,
                          lm_dtype=compute, layers=(p.layer,), sites=p.sites, context_size=p.context_size,

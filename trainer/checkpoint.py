@@ -8,12 +8,13 @@ sweep interrupted between two runs' renames still finds a step that every run ha
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
 
 from saeforge.stores.files import atomic_path
-from saeforge.trainer.errors import ResumeMismatch
+from saeforge.trainer.errors import ResumeMismatch, RunCorrupt
 from saeforge.trainer.rundir import CHECKPOINT_FILE, PREV_CHECKPOINT_FILE
 
 FORMAT = 1
@@ -28,14 +29,33 @@ def save_checkpoint(run_dir: Path, state: dict) -> None:
             os.replace(run_dir / CHECKPOINT_FILE, run_dir / PREV_CHECKPOINT_FILE)
 
 
+def read_checkpoint(path: Path) -> dict:
+    """One checkpoint (CPU tensors); RunCorrupt naming the file when it cannot be read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
+        raise RunCorrupt(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+                         "move it away (a good previous checkpoint is used then) or choose another output") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise RunCorrupt(f"{path} is not a saeforge checkpoint (no step); move it away or choose another output")
+    return state
+
+
 def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
     """{step: path} of the checkpoints present in `run_dir`."""
     out = {}
     for name in (PREV_CHECKPOINT_FILE, CHECKPOINT_FILE):
         path = Path(run_dir) / name
         if path.is_file():
-            out[int(torch.load(path, map_location="cpu", weights_only=False)["step"])] = path
+            out[read_checkpoint(path)["step"]] = path
     return out
+
+
+def checkpoint_record(run_dir: Path) -> dict:
+    """The run record saved in the newest checkpoint ({} without one): the run's identity when cfg.json has not
+    been written yet (a run stopped between its first checkpoint and its first weights)."""
+    steps = checkpoint_steps(run_dir)
+    return read_checkpoint(steps[max(steps)]).get("record", {}) if steps else {}
 
 
 def load_common_checkpoints(run_dirs: list[Path]) -> list[dict]:
@@ -49,4 +69,4 @@ def load_common_checkpoints(run_dirs: list[Path]) -> list[dict]:
         raise ResumeMismatch("the runs' checkpoints share no step: "
                              + "; ".join(f"{d}: {sorted(a)}" for d, a in zip(run_dirs, available)))
     step = max(common)
-    return [torch.load(a[step], map_location="cpu", weights_only=False) for a in available]
+    return [read_checkpoint(a[step]) for a in available]

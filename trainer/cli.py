@@ -39,7 +39,7 @@ def _run(store, saes, train, out, *, sweep, resume, quiet):
 
     if not store:
         raise click.ClickException("no store given: pass --store PATH or set `store` in the config file")
-    if not out:
+    if out is None:
         raise click.ClickException("no output directory given: pass --out DIR or set `out` in the config file")
     try:
         summary = train_from_store(store, saes, train, out, sweep=sweep, resume=resume, progress=not quiet)
@@ -70,7 +70,7 @@ def train(config_file, out, resume, quiet, store, **flags):
         cfg = build_config(TrainConfig, file.get("train"), given(flags, "train"))
     except TrainerError as exc:
         raise _fail(exc) from None
-    _run(store or file.store, [sae], cfg, out or file.out, sweep=False, resume=resume, quiet=quiet)
+    _run(store or file.store, [sae], cfg, file.out if out is None else out, sweep=False, resume=resume, quiet=quiet)
 
 
 @click.command()
@@ -116,7 +116,7 @@ def sweep(config_file, out, resume, quiet, store, hooks, **flags):
         saes = _sweep_saes({**file.get("sae"), **given(flags, "sae")}, grid, file.saes)
     except TrainerError as exc:
         raise _fail(exc) from None
-    _run(store or file.store, saes, cfg, out or file.out, sweep=True, resume=resume, quiet=quiet)
+    _run(store or file.store, saes, cfg, file.out if out is None else out, sweep=True, resume=resume, quiet=quiet)
 
 
 def _sweep_saes(base: dict, grid: dict, entries: list[dict]) -> list:

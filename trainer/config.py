@@ -6,6 +6,7 @@ here, so each run directory records what was used.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -73,6 +74,8 @@ class SAEConfig:
             problems.append(f"l1_coefficient must be in [0, 1e4], got {self.l1_coefficient!r}")
         if not 0 < self.lr <= 1.0:
             problems.append(f"lr must be in (0, 1], got {self.lr!r}")
+        if not _is_seed(self.seed):
+            problems.append(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.regime == "anthropic" and self.freeze_aux_decoder:
             problems.append("regime 'anthropic' (unconstrained decoder, decoder-norm-weighted L1) with a frozen "
                             "aux decoder is the mixed combination the authors warn against; "
@@ -119,7 +122,8 @@ class TrainConfig:
     """Optimiser steps (paper: 300k-400k, about 1.2-1.6 B activations at batch 4096)."""
 
     batch_rows: int = 4096
-    """Activations per optimiser step (paper: 4096)."""
+    """Activations per optimiser step (paper: 4096); at most the store's rows, so a batch never holds a row twice
+    (epochs repeat: a run may see every row many times)."""
 
     adam_betas: tuple[float, float] = (0.0, 0.999)
     """Adam (beta1, beta2); paper D.1.1: (0, 0.999) following Templeton et al."""
@@ -195,6 +199,8 @@ class TrainConfig:
         positive = dict(steps=self.steps, batch_rows=self.batch_rows, log_every=self.log_every,
                         resample_lr_steps=self.resample_lr_steps, resample_rows=self.resample_rows,
                         loader_threads=self.loader_threads)
+        if not _is_seed(self.data_seed):
+            problems.append(f"data_seed must be an integer in [0, 2**63), got {self.data_seed!r}")
         if self.stack_mib < 0:
             problems.append(f"stack_mib must be >= 0, got {self.stack_mib!r}")
         problems += [f"{k} must be a positive integer, got {v!r}" for k, v in positive.items()
@@ -224,6 +230,11 @@ class TrainConfig:
     @property
     def dead_steps(self) -> int:
         return self.dead_window or self.resample_every or 10_000
+
+
+def _is_seed(value) -> bool:
+    """Seeds feed torch.Generator.manual_seed and numpy's default_rng, which take non-negative integers."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < 1 << 63
 
 
 def config_dict(cfg) -> dict[str, Any]:

@@ -29,11 +29,30 @@ MIN_SPEEDUP = 1.2
 """bf16 must be at least this much faster than fp32 in the micro-benchmark for `auto` to pick it."""
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """`auto` -> cuda when available, else cpu; anything else as given (`cpu`, `cuda`, `cuda:1`)."""
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` -> cuda when available, else cpu; anything else as given (`cpu`, `cuda`, `cuda:1`, `mps`) when
+    this machine has it. ConfigError (one line naming `--device`) for a name torch does not know or a device
+    this machine lacks, before anything is allocated or written."""
+    from saeforge.trainer.errors import ConfigError
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown device {device!r} (--device): expected auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"device {device!r} (--device) is not available: {why}; use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} (--device) is not available: this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} (--device) is not available on this machine; use --device cpu or auto")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {device!r} (--device) is not supported: expected auto, cpu, cuda, cuda:N or mps")
+    return dev
 
 
 def cpu_name() -> str:

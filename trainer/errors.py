@@ -24,3 +24,12 @@ class RunExists(TrainerError):
 
 class ResumeMismatch(TrainerError):
     """--resume was asked for, but the saved run differs from the requested one (config, d_in, checkpoints)."""
+
+
+class RunCorrupt(TrainerError):
+    """A file of a run directory cannot be read (invalid JSON, an unreadable checkpoint); the message names it."""
+
+
+class NonFinite(TrainerError):
+    """A batch, a loss or the weights became NaN or infinite: training stopped, and nothing from that step on was
+    saved (the run directory keeps its last good checkpoint and weights)."""

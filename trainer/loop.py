@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from saeforge.trainer.config import SAEConfig, TrainConfig
-from saeforge.trainer.errors import ConfigError
+from saeforge.trainer.errors import ConfigError, NonFinite
 from saeforge.trainer.losses import l1_training_factor, recon_scale, sae_loss, squared_error
 from saeforge.trainer.normaliser import Normaliser, for_hook
 from saeforge.trainer.optim import (StackAdam, normalize_decoder_, project_decoder_grad_, resample_multiplier,
@@ -101,6 +101,9 @@ class SweepTrainer:
             for chunk in self._stacks(idx):
                 self.groups.append(_Group([self.saes[i] for i in chunk], chunk, hook, self.d_ins[hook], train,
                                           self.device, dtype, self.normalisers[hook]))
+        self.window = Metrics(self)
+        """The open logging window: part of the resumable state, so a resumed run logs what an uninterrupted one
+        would."""
 
     def _resolve_autocast(self) -> bool:
         """Whether steps run under bf16 autocast: `bf16`, or `auto` on fp32 weights where bf16 is native."""
@@ -211,6 +214,18 @@ class SweepTrainer:
                     done[g.indices[k]] = n
         return done
 
+    @torch.no_grad()
+    def nonfinite_saes(self) -> list[int]:
+        """The SAEs (sweep order) whose weights or Adam moments hold NaN or inf; one host sync."""
+        flags = []
+        for g in self.groups:
+            ok = torch.ones(len(g.cfgs), dtype=torch.bool, device=self.device)
+            for tensors in (g.sae.state_dict(), g.adam.exp_avg, g.adam.exp_avg_sq):
+                for t in tensors.values():  # (K, ...): one SAE per leading index
+                    ok &= torch.isfinite(t).reshape(len(g.cfgs), -1).all(-1)
+            flags.append((g.indices, ok))
+        return sorted(i for indices, ok in flags for i, fine in zip(indices, ok.tolist()) if not fine)
+
     def _locate(self, i: int) -> tuple[_Group, int]:
         for g in self.groups:
             if i in g.indices:
@@ -245,7 +260,8 @@ class SweepTrainer:
         return {"step": self.step, "weights": one(g.sae.state_dict()), "exp_avg": one(g.adam.exp_avg),
                 "exp_avg_sq": one(g.adam.exp_avg_sq), "adam_t": g.adam.t,
                 "steps_since_fired": g.steps_since_fired[k].cpu().clone(),
-                "last_resample": int(g.last_resample[k]), "generator": g.generators[k].get_state()}
+                "last_resample": int(g.last_resample[k]), "generator": g.generators[k].get_state(),
+                "window": self.window.state(i)}
 
     @torch.no_grad()
     def load_sae_state(self, i: int, state: dict) -> None:
@@ -259,6 +275,8 @@ class SweepTrainer:
         g.last_resample[k] = state["last_resample"]
         g.generators[k].set_state(state["generator"])
         self.step = state["step"]
+        if "window" in state:  # checkpoints written before the window was saved resume with an empty one
+            self.window.load_state(i, state["window"])
 
 
 class Metrics:
@@ -272,7 +290,29 @@ class Metrics:
         self.sums: dict[str, Tensor] = {}
         self.rows = self.steps = 0
         self.x_var: dict[str, Tensor | float] = {}
-        self.t0 = time.perf_counter()
+        self.start_clock()
+
+    def start_clock(self) -> None:
+        """Time the window from now (a resumed window's steps before the restart are not timed)."""
+        self.t0, self.timed_steps = time.perf_counter(), 0
+
+    def state(self, i: int) -> dict:
+        """SAE `i`'s share of the open window (plain floats: float64 sums round-trip exactly)."""
+        hook = self.trainer.sae_hooks[i]
+        return {"steps": self.steps, "rows": self.rows, "sums": {k: float(v[i]) for k, v in self.sums.items()},
+                "x_var": float(self.x_var[hook]) if hook in self.x_var else None}
+
+    def load_state(self, i: int, state: dict) -> None:
+        """Put SAE `i`'s saved share of a window back (every SAE of a resumed sweep saved the same step)."""
+        if not state["steps"]:
+            return
+        t = self.trainer
+        for name, value in state["sums"].items():
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(len(t.saes), device=t.device, dtype=torch.float64)
+            self.sums[name][i] = value
+        self.x_var[t.sae_hooks[i]] = torch.tensor(state["x_var"], device=t.device, dtype=torch.float64)
+        self.steps, self.rows = state["steps"], state["rows"]
 
     def add(self, stats: StepStats, x: Tensor | dict[str, Tensor]) -> None:
         for name, v in stats._asdict().items():
@@ -283,6 +323,7 @@ class Metrics:
             self.x_var[hook] = self.x_var.get(hook, 0.0) + (xf - xf.mean(0)).pow(2).sum().double()
         self.rows += next(iter(xs.values())).shape[0]
         self.steps += 1
+        self.timed_steps += 1
 
     def flush(self, wait_s: float = 0.0) -> list[dict]:
         """One dict per SAE for the window since the last flush; then reset."""
@@ -304,7 +345,7 @@ class Metrics:
                 "explained_variance_window": 1 - s["sse"][i] / max(x_var[hook], 1e-30),
                 "gamma": xx / xh if xh else float("nan"),  # arXiv 2404.16014 eq. 10, a ratio of window means
                 "dead_fraction": t.dead_fraction(i), "lr": t.lr_now(i), "l1_coefficient": t.l1_now(i),
-                "steps_per_s": self.steps / wall, "data_wait_fraction": min(1.0, wait_s / wall),
+                "steps_per_s": self.timed_steps / wall, "data_wait_fraction": min(1.0, wait_s / wall),
             })
         self.reset()
         return out
@@ -332,22 +373,55 @@ def fit(trainer: SweepTrainer, batches: Iterable, *, steps: int, events: FitEven
     """Train until `trainer.step == steps` on `batches`: ANY iterator of prepared batches (`trainer.prepare`:
     {hook: (rows, d_in)} on the trainer's device, in training scale). Resampling draws its scored inputs from
     the same iterator. Reports to `events` every `log_every` steps, checkpoints every `checkpoint_every` steps
-    and at the end."""
+    and at the end.
+
+    Raises NonFinite naming the first step whose loss is NaN or infinite, before any resampling, log line or
+    checkpoint that would carry it: the losses are read where the host syncs anyway (logging, resampling,
+    checkpoints), so the check costs no extra device sync. Batches are assumed finite (a store's loader refuses
+    non-finite rows), so such a loss means that training diverged."""
     cfg, events = trainer.train, events or FitEvents()
-    metrics = Metrics(trainer)
+    metrics = trainer.window
+    metrics.start_clock()
+    unchecked: list[tuple[int, StepStats]] = []
     it = iter(batches)
     wait0 = events.wait_s()
     while trainer.step < steps:
         x = next(it)
-        metrics.add(trainer.train_step(x), x)
+        stats = trainer.train_step(x)
+        metrics.add(stats, x)
+        unchecked.append((trainer.step, stats))
         if trainer.resample_due():
+            check_finite(trainer, unchecked)
             done = trainer.resample([next(it) for _ in range(trainer.resample_batches())])
             if done:
                 events.on_resample(done)
-        if trainer.step % cfg.log_every == 0 or trainer.step == steps:
+        log = trainer.step % cfg.log_every == 0 or trainer.step == steps
+        checkpoint = (cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0) or trainer.step == steps
+        if log or checkpoint:
+            check_finite(trainer, unchecked)
+        if log:
             now = events.wait_s()
             rows = metrics.flush(now - wait0)
             wait0 = now
             events.on_log(rows)
-        if (cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0) or trainer.step == steps:
+        if checkpoint:
             events.on_checkpoint()
+
+
+def check_finite(trainer: SweepTrainer, unchecked: list[tuple[int, StepStats]]) -> None:
+    """Empty `unchecked` ((step, its StepStats) since the last check); NonFinite naming the first step whose loss
+    is NaN or infinite and the SAEs it hit. One device-to-host copy of (steps, K) losses."""
+    if not unchecked:
+        return
+    losses = torch.stack([s.l_recon + s.l_sparsity + s.l_aux for _, s in unchecked]).cpu()
+    bad = ~torch.isfinite(losses)
+    steps = [step for step, _ in unchecked]
+    unchecked.clear()
+    if not bad.any():
+        return
+    j = int(bad.any(-1).nonzero()[0])
+    hit = bad[j].nonzero().flatten().tolist()
+    names = ", ".join(trainer.saes[i].run_name for i in hit[:3]) + (f" and {len(hit) - 3} more" if len(hit) > 3 else "")
+    raise NonFinite(f"step {steps[j]}: the loss of {names} is {float(losses[j, hit[0]])} on a finite batch, so "
+                    "training diverged; lower lr or l1_coefficient (or lengthen lr_warmup_steps) and train into a new "
+                    "output")

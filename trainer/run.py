@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 
+from saeforge.stores.errors import StoreError
 from saeforge.stores.progress import progress_bar
-from saeforge.trainer import rundir
-from saeforge.trainer.checkpoint import checkpoint_steps, load_common_checkpoints, save_checkpoint
+from saeforge.trainer import guards, rundir
+from saeforge.trainer.checkpoint import checkpoint_record, checkpoint_steps, load_common_checkpoints, save_checkpoint
 from saeforge.trainer.config import SAEConfig, TrainConfig, config_dict
 from saeforge.trainer.device import resolve_device
-from saeforge.trainer.errors import ConfigError, ResumeMismatch, RunExists
+from saeforge.trainer.errors import ConfigError, NonFinite, ResumeMismatch, RunExists
 from saeforge.trainer.loop import FitEvents, SweepTrainer, fit
 from saeforge.trainer.normaliser import Normaliser
 from saeforge.trainer.saelens_files import save_sae
@@ -39,11 +40,13 @@ def run_dirs_for(out: Path, saes: list[SAEConfig], sweep: bool) -> list[Path]:
 
 
 def run_record(sae: SAEConfig, train: TrainConfig, *, store: str, d_in: int, input_scale: float,
-               compute_dtype: str = "float32") -> dict:
+               compute_dtype: str = "float32", store_sha256: str | None = None) -> dict:
     """What identifies a run (saved under cfg.json's `saeforge` key and compared on resume). `compute_dtype` is
-    what `autocast` resolved to on this machine (recorded, not compared: a run may resume elsewhere)."""
+    what `autocast` resolved to on this machine (recorded, not compared: a run may resume elsewhere);
+    `store_sha256` is the store's fingerprint (`guards.store_fingerprint`; compared, the path is not: a store
+    may move)."""
     return {"sae": config_dict(sae), "train": config_dict(train), "store": store, "d_in": d_in,
-            "input_scale": input_scale, "compute_dtype": compute_dtype}
+            "input_scale": input_scale, "compute_dtype": compute_dtype, "store_sha256": store_sha256}
 
 
 def _differences(saved: dict, wanted: dict) -> list[str]:
@@ -60,13 +63,15 @@ def _differences(saved: dict, wanted: dict) -> list[str]:
 
 def _steps_done(run_dir: Path, record: dict) -> int | None:
     """Steps the run in `run_dir` has trained (None: it holds no run). Refuses a directory that holds something
-    else or a different run."""
-    held = (run_dir / rundir.CFG_FILE).is_file() or bool(checkpoint_steps(run_dir)) if run_dir.is_dir() else False
+    else, a different run, or a run of another store."""
+    has_cfg = (run_dir / rundir.CFG_FILE).is_file()
+    held = has_cfg or bool(checkpoint_steps(run_dir)) if run_dir.is_dir() else False
     if not held:
-        if run_dir.is_dir() and any(p for p in run_dir.iterdir() if p.name != rundir.METRICS_FILE):
+        if run_dir.is_dir() and any(p for p in run_dir.iterdir() if not rundir.is_leftover(p.name)):
             raise RunExists(f"{run_dir} is not empty and holds no saeforge run; choose another output")
         return None
-    saved = rundir.read_record(run_dir)
+    # Stopped between its first checkpoint and its first weights: the checkpoint knows what the run is.
+    saved = rundir.read_record(run_dir) if has_cfg else checkpoint_record(run_dir)
     if saved.get("d_in") not in (None, record["d_in"]):
         raise ResumeMismatch(f"{run_dir} was trained with d_in={saved['d_in']} but hook "
                              f"{record['sae'].get('hook') or record['train']['hook']!r} of the store has "
@@ -74,6 +79,7 @@ def _steps_done(run_dir: Path, record: dict) -> int | None:
     diffs = _differences(saved, record)
     if diffs:
         raise RunExists(f"{run_dir} holds a different run ({'; '.join(diffs[:4])}); choose another output")
+    guards.check_same_store(run_dir, saved, record)
     return int(saved.get("steps_done", 0))
 
 
@@ -84,8 +90,10 @@ def check_run_dirs(run_dirs: list[Path], records: list[dict], *, steps: int, res
     done = [_steps_done(d, r) for d, r in zip(run_dirs, records)]
     if all(d is None for d in done):
         if resume:
-            raise ResumeMismatch(f"nothing to resume in {run_dirs[0].parent if len(run_dirs) > 1 else run_dirs[0]}:"
-                                 " it holds no run")
+            out = run_dirs[0].parent if len(run_dirs) > 1 else run_dirs[0]
+            why = ("no checkpoint was written yet (it stopped before its first)" if out.is_dir()
+                   else "it does not exist")
+            raise ResumeMismatch(f"nothing to resume in {out}: {why}; the same command without --resume starts it")
         return "new"
     if any(d is None for d in done) and any(d for d in done):
         missing = [str(r) for r, d in zip(run_dirs, done) if d is None]
@@ -116,6 +124,8 @@ class _Run(FitEvents):
         self.trainer, self.run_dirs, self.records, self.store_infos = trainer, run_dirs, records, store_infos
         self.loader = loader
         self.last: list[dict] = []
+        self.saved_step: int | None = None
+        """The step of the checkpoint on disk (None: none yet)."""
         self.bar = progress_bar(trainer.train.steps, desc="", unit="step", enabled=progress, initial=trainer.step,
                                 dynamic_ncols=True)
 
@@ -136,11 +146,24 @@ class _Run(FitEvents):
             rundir.append_metrics(self.run_dirs[i], [{"step": self.trainer.step, "event": "resample", "features": n}])
 
     def on_checkpoint(self) -> None:
+        """Save every run, or none when any weights are not finite (the last good checkpoint stays)."""
+        bad = [self.run_dirs[i].name for i in self.trainer.nonfinite_saes()]
+        if bad:
+            raise NonFinite(f"step {self.trainer.step}: the weights of {', '.join(bad[:3])} are not finite although "
+                            "every loss up to here was, so training diverged; lower lr or l1_coefficient (or "
+                            "lengthen lr_warmup_steps) and train into a new output")
         loader_state = self.loader.state_dict()
         for i, (run_dir, record) in enumerate(zip(self.run_dirs, self.records)):
-            state = self.trainer.sae_state(i)
-            save_checkpoint(run_dir, {**state, "loader": loader_state, "record": record})
+            save_checkpoint(run_dir, {**self.trainer.sae_state(i), "loader": loader_state, "record": record})
             self.save_weights(i)
+        self.saved_step = self.trainer.step
+
+    def kept(self) -> str:
+        """What the run directories hold after a failure (for the one-line message)."""
+        where = str(self.run_dirs[0]) if len(self.run_dirs) == 1 else f"every run of {self.run_dirs[0].parent}"
+        if self.saved_step is None:
+            return f"nothing was saved in {where}"
+        return f"{where} keeps its checkpoint and weights of step {self.saved_step}"
 
     def save_weights(self, i: int) -> None:
         hook, info = self.trainer.sae_hooks[i], self.store_infos[i]
@@ -150,7 +173,10 @@ class _Run(FitEvents):
 
 
 def _start(loader, trainer: SweepTrainer, run_dirs: list[Path], state: str, sweep_record: dict | None) -> None:
-    """Resume the trainer and loader from the newest common checkpoint, or start fresh run directories."""
+    """Resume the trainer and loader from the newest common checkpoint, or start fresh run directories. Either
+    way the temporary files of writes a kill interrupted go."""
+    for d in {*run_dirs, *(d.parent for d in run_dirs if sweep_record is not None)}:
+        rundir.remove_temp_files(d)
     if state == "resume":
         states = load_common_checkpoints(run_dirs)
         for i, ckpt in enumerate(states):
@@ -160,7 +186,10 @@ def _start(loader, trainer: SweepTrainer, run_dirs: list[Path], state: str, swee
             rundir.truncate_metrics(d, trainer.step)
         return
     for d in run_dirs:
-        d.mkdir(parents=True, exist_ok=True)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create {d}: {e.strerror}; choose another output") from None
         rundir.clear_metrics(d)
     if sweep_record is not None:
         rundir.write_sweep(run_dirs[0].parent, sweep_record)
@@ -173,23 +202,23 @@ def train_from_store(store: str | Path, saes: list[SAEConfig], train: TrainConfi
     per SAE. Idempotent: a run directory that already holds these runs is resumed from its checkpoints, or left
     as it is when complete; `resume=True` only insists that there is something to resume.
 
-    Raises the store's errors (StoreNotFound, StoreIncomplete, HookNotInStore), RunExists, ResumeMismatch or
-    ConfigError before anything is written."""
-    from saeforge.stores import StoreLoader, open_store
+    Refuses before anything is written, with the store's errors (StoreNotFound, StoreIncomplete, HookNotInStore,
+    StoreDamaged, ...), RunExists, ResumeMismatch (another run, another store), RunCorrupt (a damaged run file)
+    or ConfigError (bad output path, device, batch size). While training, a store error (a chunk that cannot
+    be read, non-finite rows) or NonFinite (a loss or weights) stops it, naming the step; the run directory
+    keeps its last good checkpoint and weights, and the same command resumes from them."""
+    from saeforge.stores import StoreLoader
 
-    st = open_store(store)
-    sae_hooks = [s.hook or train.hook for s in saes]
-    hooks = list(dict.fromkeys(sae_hooks))
-    st.check_hooks(hooks)
-    d_ins = {h: st.d(h) for h in hooks}
-    norms = {h: Normaliser.from_stats(st.stats(h), normalize=train.normalize_inputs) for h in hooks}
-    out = Path(out)
+    out = guards.check_out(out)
     run_dirs = run_dirs_for(out, saes, sweep)
     device = resolve_device(train.device)
+    st, sae_hooks, norms = _open_checked(store, saes, train)
+    d_ins = {h: st.d(h) for h in norms}
     trainer = SweepTrainer(saes, train, d_ins, normalisers=norms, device=device, dtype=dtype)
     compute = "bfloat16" if trainer.autocast else str(dtype).removeprefix("torch.")
+    fingerprint = guards.store_fingerprint(st)
     records = [run_record(s, train, store=str(st.path), d_in=d_ins[h], input_scale=norms[h].scale,
-                          compute_dtype=compute) for s, h in zip(saes, sae_hooks)]
+                          compute_dtype=compute, store_sha256=fingerprint) for s, h in zip(saes, sae_hooks)]
     if sweep:
         check_sweep_file(out, [d.name for d in run_dirs])
     state = check_run_dirs(run_dirs, records, steps=train.steps, resume=resume)
@@ -200,18 +229,48 @@ def train_from_store(store: str | Path, saes: list[SAEConfig], train: TrainConfi
     if state == "complete":
         return summary([rundir.last_metrics(d) for d in run_dirs], 0.0)
 
-    loader = StoreLoader(st, hooks=hooks, batch_rows=train.batch_rows, seed=train.data_seed,
+    guards.check_writable([out, *run_dirs] if sweep else run_dirs)
+    loader = StoreLoader(st, hooks=list(norms), batch_rows=train.batch_rows, seed=train.data_seed,
                          threads=train.loader_threads, pin_memory=device.type == "cuda")
-    sweep_record = {"runs": [d.name for d in run_dirs], "store": str(st.path), "hooks": hooks,
+    sweep_record = {"runs": [d.name for d in run_dirs], "store": str(st.path), "hooks": list(norms),
                     "train": config_dict(train), "saes": [config_dict(s) for s in saes]} if sweep else None
     _start(loader, trainer, run_dirs, state, sweep_record)
     run = _Run(trainer, run_dirs, records, [rundir.store_info(st, h) for h in sae_hooks], loader, progress)
+    run.saved_step = trainer.step if state == "resume" else None
+    _train(run, loader, state)
+    return summary(run.last or [rundir.last_metrics(d) for d in run_dirs], round(run.wait_s(), 3))
+
+
+def _train(run: _Run, loader, state: str) -> None:
+    """Run `fit` on the loader's batches (it refuses non-finite rows). A store error or NonFinite leaves with one
+    message that names the step and what the run directories kept."""
+    trainer, steps = run.trainer, run.trainer.train.steps
     batches = iter(loader)
     try:
         if state == "new":
             run.on_checkpoint()  # step 0: the directory holds a resumable run from the start
-        fit(trainer, map(trainer.prepare, batches), steps=train.steps, events=run)
+        elif trainer.step >= steps:  # stopped between its last checkpoint and its last weights
+            for i in range(len(run.run_dirs)):
+                run.save_weights(i)
+        fit(trainer, map(trainer.prepare, batches), steps=steps, events=run)
+    except (NonFinite, StoreError) as exc:
+        where = "" if isinstance(exc, NonFinite) else f"stopped before step {trainer.step + 1}: "
+        exc.args = (f"{where}{exc}; {run.kept()}",)
+        raise
     finally:
         batches.close()
         run.bar.close()
-    return summary(run.last or [rundir.last_metrics(d) for d in run_dirs], round(run.wait_s(), 3))
+
+
+def _open_checked(store, saes: list[SAEConfig], train: TrainConfig) -> tuple[Any, list[str], dict[str, Normaliser]]:
+    """Open the store (`open_store` refuses a damaged one) and check it against the run before anything is
+    written: the hooks (HookNotInStore) and the batch size (ConfigError). Returns the store, each SAE's hook,
+    and one Normaliser per hook in first-use order."""
+    from saeforge.stores import open_store
+
+    st = open_store(store)
+    sae_hooks = [s.hook or train.hook for s in saes]
+    hooks = list(dict.fromkeys(sae_hooks))
+    st.check_hooks(hooks)
+    guards.check_batch_rows(st, train.batch_rows)
+    return st, sae_hooks, {h: Normaliser.from_stats(st.stats(h), normalize=train.normalize_inputs) for h in hooks}

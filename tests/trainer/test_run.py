@@ -1,6 +1,5 @@
 """Store-backed training: run directories, SAELens layout, load_sae round trip, resume, and the CLI."""
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from saeforge.pipeline.cli import main
+from saeforge.trainer import run as run_module
 from saeforge.trainer.config import SAEConfig, TrainConfig
 from saeforge.trainer.saelens_files import load_sae
 from saeforge.trainer.run import train_from_store
@@ -80,14 +80,33 @@ def test_run_directory_layout_and_load_sae_round_trip(store, tmp_path):
     torch.testing.assert_close(sae.encode(x), trained.encode(x * scale), rtol=1e-5, atol=1e-5)
 
 
-def test_resumed_run_ends_with_the_same_weights(store, tmp_path):
+class Killed(BaseException):
+    """Stands for a kill: nothing after it runs (BaseException, so no `except Exception` handles it)."""
+
+
+def kill_after_checkpoint(monkeypatch, step: int) -> None:
+    """Make the next store-backed run stop right after writing its checkpoint of `step`."""
+    save = run_module._Run.on_checkpoint
+
+    def on_checkpoint(self):
+        save(self)
+        if self.trainer.step == step:
+            monkeypatch.undo()
+            raise Killed
+
+    monkeypatch.setattr(run_module._Run, "on_checkpoint", on_checkpoint)
+
+
+def test_resumed_run_ends_with_the_same_weights(store, tmp_path, monkeypatch):
     cfgs = [SAEConfig(arch="baseline", d_sae=24, l1_coefficient=0.05, lr=3e-3, seed=1)]
     full = tmp_path / "full"
     train_from_store(store, cfgs, train_cfg(), full, progress=False)
-    cut = tmp_path / "cut"  # as if interrupted after the step-20 checkpoint: keep only that one
-    shutil.copytree(full, cut)
-    (cut / "checkpoint.prev.pt").replace(cut / "checkpoint.pt")
+    cut = tmp_path / "cut"  # killed after the step-20 checkpoint
+    kill_after_checkpoint(monkeypatch, 20)
+    with pytest.raises(Killed):
+        train_from_store(store, cfgs, train_cfg(), cut, progress=False)
     assert torch.load(cut / "checkpoint.pt", weights_only=False)["step"] == 20
+    assert json.loads((cut / "cfg.json").read_text())["saeforge"]["steps_done"] == 20
     train_from_store(store, cfgs, train_cfg(), cut, resume=True, progress=False)
     a, b = load_file(str(full / "sae_weights.safetensors")), load_file(str(cut / "sae_weights.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -7,7 +7,8 @@ from typing import Literal
 
 import click
 
-from saeforge.trainer.options import CONFIG_HELP, build_config, given, read_config, table_options, with_options
+from saeforge.pipeline.cli_common import config_failure, one_line, read_config_or_fail
+from saeforge.trainer.options import CONFIG_HELP, build_config, given, table_options, with_options
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,13 +34,14 @@ class DemoConfig:
     def __post_init__(self):
         problems = []
         if self.preset not in ("demo", "study", "paper"):
-            problems.append(f"preset must be demo, study or paper, got {self.preset!r}")
+            problems.append(("preset", f"must be demo, study or paper, got {self.preset!r}"))
         if self.dtype not in ("auto", "float32", "bfloat16"):
-            problems.append(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+            problems.append(("dtype", f"must be auto, float32 or bfloat16, got {self.dtype!r}"))
+        problems += [(name, "must not be empty") for name in ("device", "model", "dataset") if getattr(self, name) == ""]
         if problems:
             from saeforge.pipeline.errors import ConfigError
 
-            raise ConfigError("; ".join(problems))
+            raise ConfigError.of(problems)
 
 
 @click.command()
@@ -59,16 +61,20 @@ def demo(out, config_file, quiet, **flags):
         saeforge demo            # into ./demo
     """
     from saeforge.pipeline.demo import run_demo
-    from saeforge.pipeline.errors import domain_errors
+    from saeforge.pipeline.errors import ConfigError, domain_errors
 
+    file = read_config_or_fail(config_file)
+    flags = given(flags, "demo")
     try:
-        file = read_config(config_file)
-        cfg = build_config(DemoConfig, file.get("demo"), given(flags, "demo"))
-        out = out or file.out or "demo"
+        cfg = build_config(DemoConfig, file.get("demo"), flags)
+    except ConfigError as e:
+        raise config_failure(e, table="demo", flags=flags, file=file) from None
+    out = (file.out or "demo") if out is None else out
+    try:
         record = run_demo(out, preset=cfg.preset, dtype=cfg.dtype, device=cfg.device, model=cfg.model,
                           dataset=cfg.dataset, progress=not quiet)
     except domain_errors() as e:
-        raise click.ClickException(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+        raise one_line(e) from None
     except KeyboardInterrupt:
         again = f"saeforge demo {out} --preset {cfg.preset}" + (f" --config {config_file}" if config_file else "")
         raise click.ClickException(f"interrupted: rerun `{again}` to continue") from None

@@ -5,8 +5,8 @@ import json
 
 import click
 
-from saeforge.trainer.options import (CONFIG_HELP, build_config, fields_of, given, read_config, table_options,
-                                      with_options)
+from saeforge.pipeline.cli_common import config_failure, one_line, read_config_or_fail
+from saeforge.trainer.options import CONFIG_HELP, build_config, fields_of, given, table_options, with_options
 
 HARVEST_OPTIONS = table_options("harvest")
 
@@ -40,19 +40,26 @@ def harvest(config_file, writer_memory_mb, as_json, quiet, **flags):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    out = None
+    file = read_config_or_fail(config_file)
+    flags = given(flags, "harvest")
+    values = {**file.get("harvest"), **flags}
+    out = values.setdefault("out", file.store)
+    if out is None:
+        raise click.ClickException("no store path given: pass --out PATH or set the top-level `store` in the config "
+                                   "file")
+    if writer_memory_mb is not None:
+        if writer_memory_mb < 1:
+            raise click.ClickException(f"--writer-memory-mb must be >= 1, got {writer_memory_mb}")
+        values["writer_memory_bytes"] = writer_memory_mb << 20
     try:
-        file = read_config(config_file)
-        values = {**file.get("harvest"), **given(flags, "harvest")}
-        out = values.setdefault("out", file.store)
-        if not out:
-            raise ConfigError("no store path given: pass --out PATH or set the top-level `store` in the config file")
-        if writer_memory_mb is not None:
-            values["writer_memory_bytes"] = writer_memory_mb << 20
         cfg = build_config(HarvestConfig, values)
+    except ConfigError as e:
+        named = {"out": "--out" if "out" in flags else f"{file.path}: store"}
+        raise config_failure(e, table="harvest", flags=flags, file=file, renamed=named) from None
+    try:
         result = run_harvest(cfg, progress=not quiet)
     except domain_errors() as e:
-        raise click.ClickException(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+        raise one_line(e) from None
     except KeyboardInterrupt:
         raise click.ClickException(f"interrupted: {out} is incomplete; rerun the same command to resume") from None
     if as_json:

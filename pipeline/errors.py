@@ -17,7 +17,20 @@ class PipelineError(Exception):
 
 class ConfigError(PipelineError, ValueError):
     """Settings that cannot work together (``HarvestConfig``, ``EvalConfig``, ``WindowRules``); the message
-    names every bad field."""
+    names every bad field.
+
+    ``problems`` holds the same as (field, what is wrong with it) pairs (field None for a problem of several),
+    so a command line can name its option, or a config file its key, where the message names the field.
+    """
+
+    def __init__(self, message: str, problems: tuple[tuple[str | None, str], ...] = ()):
+        super().__init__(message)
+        self.problems = tuple(problems)
+
+    @classmethod
+    def of(cls, problems: list[tuple[str | None, str]]) -> "ConfigError":
+        """One error for every (field, problem) pair, its message "field problem; field problem; ..."."""
+        return cls("; ".join(text if field is None else f"{field} {text}" for field, text in problems), problems)
 
 
 class DatasetError(PipelineError):
@@ -34,6 +47,11 @@ class HookError(PipelineError):
 
 class HarvestError(PipelineError):
     """A harvest that cannot run as asked: output not writable, context too long, another harvest's store."""
+
+
+class OutputError(PipelineError):
+    """An output location that cannot be written: empty, a URL where only local paths work, a file, under a
+    file, or read-only (``saeforge.pipeline.paths``)."""
 
 
 class EvalError(PipelineError):

@@ -24,9 +24,10 @@ from typing import Callable, Iterator, Literal, NamedTuple
 from saeforge.pipeline.batches import Batch, check_rows_available, window_batches
 from saeforge.pipeline.data import describe_dataset
 from saeforge.pipeline.errors import ConfigError, HarvestError
+from saeforge.pipeline.paths import check_output_dir
 from saeforge.pipeline.provenance import Provenance, TextProvenance
 from saeforge.pipeline.sink import AsyncSink
-from saeforge.pipeline.windows import WindowRules
+from saeforge.pipeline.windows import WindowRules, context_size_problem, heldout_every_problem
 from saeforge.stores.background import Prefetcher
 from saeforge.stores.progress import progress_bar
 
@@ -99,20 +100,24 @@ class HarvestConfig:
     """Batches in flight between the LM and the writer thread (bounds host memory)."""
 
     def __post_init__(self):
-        problems = []
-        for name in ("context_size", "tokens", "batch_size", "queue_batches", "heldout_every"):
-            if getattr(self, name) < (2 if name in ("context_size", "heldout_every") else 1):
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
-        if self.lm_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            problems.append(f"lm_dtype must be auto, float32, bfloat16 or float16, got {self.lm_dtype!r}")
-        if self.store_dtype not in ("float32", "float16", "bfloat16"):
-            problems.append(f"store_dtype must be float32, float16 or bfloat16, got {self.store_dtype!r}")
-        if self.special_token_rule not in ("exclude", "keep"):
-            problems.append(f"special_token_rule must be exclude or keep, got {self.special_token_rule!r}")
+        problems = [p for p in (context_size_problem(self.context_size), heldout_every_problem(self.heldout_every))
+                    if p[1]]
+        problems += [(name, "must not be empty") for name in ("out", "model", "dataset", "split", "text_column",
+                                                              "device") if getattr(self, name) == ""]
+        problems += [(name, f"must be >= 1, got {getattr(self, name)!r}")
+                     for name in ("tokens", "batch_size", "queue_batches", "writer_memory_bytes") if getattr(self, name) < 1]
+        if not 0 <= self.seed < 1 << 63:
+            problems.append(("seed", f"must be in [0, 2**63), got {self.seed!r}"))
+        if any(layer < 0 for layer in self.layers):
+            problems.append(("layers", f"must be >= 0, got {list(self.layers)}"))
+        choices = {"lm_dtype": ("auto", "float32", "bfloat16", "float16"), "store_dtype": ("float32", "float16",
+                   "bfloat16"), "special_token_rule": ("exclude", "keep")}
+        problems += [(name, f"must be one of {', '.join(ok)}, got {getattr(self, name)!r}")
+                     for name, ok in choices.items() if getattr(self, name) not in ok]
         if not self.hooks and not (self.layers and self.sites):
-            problems.append("no hooks: give hooks, or layers together with sites")
+            problems.append((None, "no hooks: give hooks, or layers together with sites"))
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise ConfigError.of(problems)
 
     @property
     def rules(self) -> WindowRules:
@@ -181,14 +186,14 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     """Harvest ``cfg.tokens`` rows of every hook into the store at ``cfg.out``: resumes an interrupted store, and
     returns the recorded result without running anything when the store is already complete for this config."""
     from saeforge.pipeline.lm import hook_dims, load_lm, resolve_hooks
-    from saeforge.stores import StoreWriter, open_store
+    from saeforge.stores import open_store
     from saeforge.trainer.device import resolve_dtype
 
     t0 = time.perf_counter()
     if lm is not None and cfg.lm_dtype == "auto":
         cfg = replace(cfg, lm_dtype=lm.dtype)  # a model handed in computes in its own dtype
     cfg = replace(cfg, lm_dtype=resolve_dtype(cfg.lm_dtype, lm.device if lm is not None else cfg.device))
-    check_output(cfg.out)
+    check_output_dir(cfg.out, "--out", urls=True)  # fsspec URLs are checked when the writer opens them
     done = completed_result(cfg)
     if done is not None:
         return done
@@ -201,8 +206,7 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     check_resumable(cfg.out, prov)
     check_rows_available(prov.text, lm.tokenizer, cfg.tokens, cfg.batch_size)
     dims = hook_dims(lm, hooks)
-    writer = StoreWriter(cfg.out, hooks=dims, dtype=cfg.store_dtype, seed=cfg.seed, expected_rows=cfg.tokens,
-                         provenance=prov.to_json(), memory_limit_bytes=cfg.writer_memory_bytes, progress=progress)
+    writer = open_writer(cfg, dims, prov, progress)
     with writer as w:
         skip = w.rows_staged
         bar = progress_bar(cfg.tokens, desc="harvest", unit="tok", enabled=progress, initial=skip, unit_scale=True,
@@ -226,6 +230,21 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
                            bytes_per_hook=sizes, hooks=hooks, config=asdict(cfg))
     store.loc.fs.pipe_file(store.loc.sub(HARVEST_FILE), json.dumps(result.to_json(), indent=1).encode())
     return result
+
+
+def open_writer(cfg: HarvestConfig, dims: dict[str, int], prov: Provenance, progress: bool):
+    """The store's writer; a memory bound too small for these hooks' rows is named as the option that sets it."""
+    from saeforge.stores import InvalidInput, StoreWriter
+
+    try:
+        return StoreWriter(cfg.out, hooks=dims, dtype=cfg.store_dtype, seed=cfg.seed, expected_rows=cfg.tokens,
+                           provenance=prov.to_json(), memory_limit_bytes=cfg.writer_memory_bytes, progress=progress)
+    except InvalidInput as e:
+        if "memory_limit_bytes" not in str(e):
+            raise
+        raise HarvestError(f"the writer's memory bound ({cfg.writer_memory_bytes:,} bytes) is too small for rows "
+                           f"of {', '.join(f'{h} (d={d})' for h, d in dims.items())} in {cfg.store_dtype}: it holds "
+                           "a whole shard in an eighth of it; raise --writer-memory-mb") from None
 
 
 HARVEST_FILE = "harvest.json"
@@ -270,23 +289,6 @@ def completed_result(cfg: HarvestConfig) -> HarvestResult | None:
                            "choose another --out")
     fields = set(HarvestResult._fields)
     return HarvestResult(**{k: v for k, v in recorded.items() if k in fields})
-
-
-def check_output(out: str) -> None:
-    """Fail early when a local output path cannot be created or written."""
-    import os
-    from pathlib import Path
-
-    if "://" in out:
-        return
-    p = Path(out).expanduser().absolute()
-    if p.exists() and not p.is_dir():
-        raise HarvestError(f"output {out} exists and is not a directory; choose a new path")
-    parent = p
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise HarvestError(f"output {out} is not writable ({parent} is not a writable directory)")
 
 
 def check_resumable(out: str, prov: Provenance) -> None:

@@ -20,8 +20,10 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.metadata
+import logging
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -87,6 +89,38 @@ def resolve_device(device: str = "auto") -> str:
     return device if device != "auto" else str(resolve(device))
 
 
+class _Hold(logging.Filter):
+    """A handler filter that keeps every record instead of letting the handler emit it."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+@contextmanager
+def held_logs():
+    """Hold back transformers' log lines while a model loads: they are printed after a load that works, and
+    dropped after one that fails, whose one error line then comes first and alone (a config of an unknown
+    ``model_type`` logs a warning just before transformers raises)."""
+    from transformers.utils import logging as hf_logging
+
+    holds = [(h, _Hold()) for h in hf_logging.get_logger().handlers]  # the library's root logger
+    for handler, hold in holds:
+        handler.addFilter(hold)
+    try:
+        yield
+    finally:
+        for handler, hold in holds:
+            handler.removeFilter(hold)
+    for handler, hold in holds:  # reached only when the load worked
+        for record in hold.records:
+            handler.handle(record)
+
+
 def file_sha256(path: str | os.PathLike, _memo: dict = {}) -> str:  # noqa: B006 (process-wide memo)
     """sha256 of a file (``stores.files.sha256_file``), memoised per (path, size, mtime) within the process."""
     st = os.stat(path)
@@ -122,8 +156,9 @@ def _dequantised_dir(gguf: Path, hf_name: str | None) -> tuple[Path, str]:
         return target, sha
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        with held_logs():
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except (OSError, ValueError) as e:  # transformers: a truncated file, an architecture it cannot dequantise
         raise ModelLoadError(f"GGUF file {gguf} could not be loaded: {str(e).splitlines()[0]}") from None
     if hf_name:
@@ -181,8 +216,9 @@ def load_lm(spec: str = "smollm2-135m", *, device: str = "auto",
         raise ModelLoadError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     source, info = _locate(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype]).eval()
+        with held_logs():
+            tok = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype]).eval()
     except (OSError, ValueError) as e:  # no such hub name, hub unreachable, a config transformers cannot read
         raise ModelLoadError(f"model {spec!r} could not be loaded: {str(e).splitlines()[0]}") from None
     if info["source"] == "hub":

@@ -19,7 +19,8 @@ from typing import Iterator
 import numpy as np
 
 from saeforge.pipeline.data import cache_dir, dataset_identity, iter_documents
-from saeforge.stores.files import atomic_path
+from saeforge.stores.files import atomic_path, temp_file_pid
+from saeforge.stores.lock import pid_alive
 
 TOKENIZE_BATCH = 64
 """Documents (or pieces of a long one) tokenised per call: fast tokenizers parallelise over them..."""
@@ -31,6 +32,8 @@ STREAM_VERSION = "stream-v2-split64k"
 """Names the tokenisation scheme in the token cache key (bump when :func:`token_stream` changes)."""
 MIN_EXTEND_TOKENS = 1 << 20
 """The token cache grows by at least this many tokens (or doubles) when a reader needs more."""
+_LEGACY_TEMP = re.compile(r".+\.npy\.tmp(\d+)")
+"""The temporary name of a cache file before atomic_path wrote it: ``<file>.tmp<pid>``."""
 _BOUNDARY = re.compile(r"(?<=\S\n)(?=\S)")
 _SPLIT_PROBE = ("First line, with words.\nSecond: 12 345 don't stop\n  indented line\n\nAfter a blank\n"
                 "\u00c9t\u00e9 \u00fcn\u00efcode \u6771\u4eac\nTHE END.\n'Tis\n\"quoted\"\n-- dash\nend")
@@ -189,4 +192,17 @@ class TokenCache:
         for _, _, old in self._files():
             if old != final:
                 old.unlink(missing_ok=True)
+        self._remove_stale_temps()
         self.ids, self.n_docs, self.complete = np.load(final, mmap_mode="r"), n_docs, complete
+
+    def _remove_stale_temps(self) -> None:
+        """Remove what a kill during an earlier :meth:`_extend` left: the temporary file of its atomic write
+        (``stores.files.atomic_path``'s name, or ``<file>.tmp<pid>`` of earlier versions) when its writer is
+        gone. Readers never see these (:meth:`_files` takes only final names)."""
+        for p in self.dir.iterdir():
+            if p.name.lstrip(".").startswith(f"{self.key}."):
+                pid = temp_file_pid(p.name)
+                legacy = _LEGACY_TEMP.fullmatch(p.name)
+                pid = int(legacy[1]) if pid is None and legacy else pid
+                if pid is not None and not pid_alive(pid):
+                    p.unlink(missing_ok=True)

@@ -39,13 +39,10 @@ class WindowRules:
     """Window ``i`` is held out when ``i % heldout_every == heldout_every - 1`` (5% by default)."""
 
     def __post_init__(self):
-        problems = []
-        if self.context_size < 2:
-            problems.append(f"context_size must be >= 2, got {self.context_size}")
-        if self.heldout_every < 2:
-            problems.append(f"heldout_every must be >= 2, got {self.heldout_every}")
+        problems = [(name, text) for name, text in (context_size_problem(self.context_size),
+                                                    heldout_every_problem(self.heldout_every)) if text]
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise ConfigError.of(problems)
 
     @property
     def body(self) -> int:
@@ -56,6 +53,20 @@ class WindowRules:
         """The held-out rule as stored in provenance ``heldout``."""
         return {"rule": "window_index % every == every - 1", "every": self.heldout_every,
                 "unit": "window of the packed token stream"}
+
+
+def context_size_problem(value: int) -> tuple[str, str | None]:
+    """("context_size", what is wrong with ``value``) (None when nothing is)."""
+    ok = isinstance(value, int) and value >= 2
+    return "context_size", None if ok else (f"must be >= 2: a window needs two tokens for one next-token "
+                                            f"prediction (BOS counts as one), got {value!r}")
+
+
+def heldout_every_problem(value: int) -> tuple[str, str | None]:
+    """("heldout_every", what is wrong with ``value``) (None when nothing is)."""
+    ok = isinstance(value, int) and value >= 2
+    return "heldout_every", None if ok else (f"must be >= 2: every N-th window is held out from the store for "
+                                             f"evaluation, and N = 1 would hold out every window, got {value!r}")
 
 
 def _check_bos(rules: WindowRules, bos_id: int | None) -> None:

@@ -165,3 +165,57 @@ def test_token_cache_grows_on_demand(tmp_path, tok, monkeypatch):
     assert len(list((tmp_path / "cache" / "tokens").glob("*.npy"))) == 1  # the partial file was replaced
     full = np.concatenate(list(token_stream(iter(LINES), tok)))
     assert np.array_equal(tokenization.TokenCache.open(rec, tok).ids, full)
+
+
+GROW_THEN_STALL = """
+import sys, time
+import numpy as np
+from transformers import AutoTokenizer
+from saeforge.pipeline import tokenization
+from saeforge.pipeline.data import describe_dataset
+
+real = np.lib.format.open_memmap
+def stalled(*args, **kwargs):  # the temporary file exists; the kill comes before the rename
+    out = real(*args, **kwargs)
+    print("writing", flush=True)
+    time.sleep(120)
+    return out
+np.lib.format.open_memmap = stalled
+tokenization.TokenCache.open(describe_dataset(sys.argv[2]), AutoTokenizer.from_pretrained(sys.argv[1])).ensure(10**9)
+"""
+
+
+def test_token_cache_after_kill_9_reads_past_and_removes_the_leftover(corpus, tok, tmp_path, tiny_model_dir,
+                                                                      monkeypatch):
+    """A kill between writing the cache file and renaming it leaves its temporary file: readers never take it
+    for the cache, and the next write removes it (and a legacy `<file>.tmp<pid>` of a dead writer), keeping a
+    live writer's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from saeforge.pipeline import tokenization
+
+    cache_root = tmp_path / "cache"
+    monkeypatch.setenv("SAEFORGE_CACHE", str(cache_root))
+    proc = subprocess.Popen([sys.executable, "-c", GROW_THEN_STALL, str(tiny_model_dir), str(corpus)],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    tokens = cache_root / "tokens"
+    (left,) = [p.name for p in tokens.iterdir()]
+    assert left.startswith(".") and left.endswith(".tmp") and str(proc.pid) in left  # what the kill leaves
+    key = left.lstrip(".").split(".")[0]
+    legacy_dead, legacy_live = f"{key}.3.part.npy.tmp{proc.pid}", f"{key}.4.part.npy.tmp{os.getpid()}"
+    for name in (legacy_dead, legacy_live):
+        (tokens / name).write_bytes(b"\x93NUMPY half")
+    rec = describe_dataset(str(corpus))
+    cache = tokenization.TokenCache.open(rec, tok)
+    assert cache.n_docs == 0 and len(cache.ids) == 0  # the leftovers are not a cache
+    assert not cache.ensure(10**9) and cache.complete
+    assert cache.ids.tolist() == np.concatenate(list(token_stream(iter_documents(rec), tok))).tolist()
+    assert sorted(p.name for p in tokens.iterdir()) == sorted([f"{key}.{cache.n_docs}.full.npy", legacy_live])

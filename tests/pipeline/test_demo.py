@@ -40,3 +40,31 @@ def test_demo_runs_every_stage_then_is_a_no_op(tmp_path, tiny_model_dir, corpus)
                       dataset=str(corpus), progress=False)
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # nothing recomputed or rewritten
     assert second["stage_seconds"]["sweep"] < first["stage_seconds"]["sweep"]
+
+
+NO_CUDA = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["OUT", "--device", "bogus"], "unknown device 'bogus'"),
+    pytest.param(["OUT", "--device", "cuda"], "device 'cuda' (--device) is not available", marks=NO_CUDA),
+    ([""], "OUT is empty"),
+    (["memory://demo"], "OUT memory://demo: a URL, but only a local directory works here"),
+    (["A_FILE/demo"], "a_file is a file, not a directory"),
+    (["OUT", "--model", ""], "--model must not be empty"),
+    (["OUT", "--dataset", ""], "--dataset must not be empty"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_demo_bad_input_is_one_line_and_makes_no_folder(args, message, tmp_path, monkeypatch):
+    """Refused before the first stage: no model is loaded and no folder made (demo's OUT is created only after
+    its checks; a URL is never turned into a local folder such as `memory:`)."""
+    from click.testing import CliRunner
+
+    from saeforge.pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    args = [{"OUT": "out", "A_FILE/demo": "a_file/demo"}.get(a, a) for a in args]
+    r = CliRunner().invoke(main, ["demo", *args, "--quiet"])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

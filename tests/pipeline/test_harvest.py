@@ -211,6 +211,60 @@ def test_cli_bad_input_is_one_clear_line_and_no_complete_store(args, message, tm
     assert not (tmp_path / "s").exists() or open_store_fails(tmp_path / "s")
 
 
+@pytest.fixture(scope="module")
+def unknown_model_type(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama with a `model_type` transformers does not know (it logs a warning, then raises)."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("unknown_type") / "model"
+    shutil.copytree(tiny_model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "nonesuch"}))
+    return d
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "-1"], "--seed must be in [0, 2**63), got -1"),
+    (["--writer-memory-mb", "0"], "--writer-memory-mb must be >= 1, got 0"),
+    (["--writer-memory-bytes", "1000"], "too small for rows of blocks.0.hook_resid_post (d=64)"),
+    (["--out", ""], "--out must not be empty"),
+    (["--dataset", ""], "--dataset must not be empty"),
+    (["--model", ""], "--model must not be empty"),
+    (["--heldout-every", "1"], "--heldout-every must be >= 2: every N-th window is held out"),
+    (["--context-size", "1"], "--context-size must be >= 2: a window needs two tokens for one next-token"),
+    (["--device", "bogus"], "unknown device 'bogus'"),
+    pytest.param(["--device", "cuda"], "device 'cuda' (--device) is not available", marks=NO_CUDA),
+    (["--config", "SEED_FILE"], "seed.toml: harvest.seed must be in [0, 2**63), got -3"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_cli_refuses_bad_settings_in_one_line_naming_the_option_and_writes_nothing(
+        args, message, tmp_path, tiny_model_dir, corpus):
+    (tmp_path / "seed.toml").write_text("[harvest]\nseed = -3\n")
+    args = [str(tmp_path / "seed.toml") if a == "SEED_FILE" else a for a in args]
+    base = ["--model", str(tiny_model_dir), "--dataset", str(corpus), "--device", "cpu", "--layers", "0",
+            "--sites", "resid_post", "--tokens", "300", "--out", str(tmp_path / "s")]
+    res = run_cli(*base, *args)
+    assert res.exit_code != 0 and isinstance(res.exception, SystemExit), res.output
+    assert res.stdout == "" and res.stderr.strip().splitlines() == [res.stderr.strip()], res.stderr  # alone
+    assert res.stderr.startswith("Error: ") and message in res.stderr, res.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_unknown_model_type_is_one_line_before_anything_transformers_logs(tmp_path, unknown_model_type, corpus):
+    """transformers logs a warning about the unknown `model_type` and then raises: the error line is all the
+    process prints (a subprocess, so transformers' own handler writes to the stderr this test reads)."""
+    cmd = [sys.executable, "-c", "from saeforge.pipeline.cli import main; main()", "harvest", "--quiet",
+           "--model", str(unknown_model_type), "--dataset", str(corpus), "--device", "cpu", "--layers", "0",
+           "--sites", "resid_post", "--out", str(tmp_path / "s")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 1 and res.stdout == ""
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith("Error: model ") and "model type `nonesuch`" in line
+    assert not (tmp_path / "s").exists()
+
+
 def open_store_fails(path):
     try:
         open_store(path)
@@ -226,7 +280,7 @@ def test_cli_rejects_empty_dataset_and_unwritable_output(tmp_path, tiny_model_di
     res = run_cli(*base, "--dataset", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "s"))
     assert res.exit_code != 0 and "ran out after 0 rows" in res.output
     res = run_cli(*base, "--dataset", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "file" / "s"))
-    assert res.exit_code != 0 and "not writable" in res.output
+    assert res.exit_code != 0 and "is a file, not a directory" in res.output
 
 
 def test_cli_help_is_instant():

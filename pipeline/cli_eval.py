@@ -11,13 +11,8 @@ from pathlib import Path
 
 import click
 
-from saeforge.trainer.options import CONFIG_HELP, build_config, given, read_config, table_options, with_options
-
-
-def _domain_errors():
-    from saeforge.pipeline.errors import domain_errors
-
-    return domain_errors()
+from saeforge.pipeline.cli_common import config_failure, one_line, read_config_or_fail
+from saeforge.trainer.options import CONFIG_HELP, build_config, given, table_options, with_options
 
 
 def _summary(rec: dict) -> dict:
@@ -36,7 +31,7 @@ def _summary(rec: dict) -> dict:
                  help="Evaluate every run on this store's held-out text (it must hold the run's hook, harvested "
                       "from the same text and rules) [each run's training store, or its cfg.json when gone]."),
     click.option("--force", is_flag=True, help="Evaluate again even runs whose eval.json is up to date."),
-    click.option("--quiet", is_flag=True, help="No progress bar.")])
+    click.option("--quiet", is_flag=True, help="No progress bars.")])
 def eval_cmd(runs, config_file, store, force, quiet, **flags):
     """Evaluate SAE run directories by splicing their reconstructions into the LM.
 
@@ -55,24 +50,34 @@ def eval_cmd(runs, config_file, store, force, quiet, **flags):
 
         saeforge eval runs/sweep1/* --tokens 262144
     """
-    errors = _domain_errors()
+    from saeforge.pipeline.errors import ConfigError, domain_errors
     from saeforge.pipeline.evaluate import EvalConfig, evaluate_runs
 
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its "Loading weights" bar too
+    file = read_config_or_fail(config_file)
+    flags = given(flags, "eval")
     try:
-        file = read_config(config_file)
-        cfg = build_config(EvalConfig, file.get("eval"), given(flags, "eval"))
+        cfg = build_config(EvalConfig, file.get("eval"), flags)
+    except ConfigError as e:
+        raise config_failure(e, table="eval", flags=flags, file=file) from None
+    try:
         records = evaluate_runs(list(runs) or _runs_in(file.out), cfg, progress=not quiet, force=force, store=store)
-    except errors as e:
-        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    except domain_errors() as e:
+        raise one_line(e) from None
     click.echo(json.dumps([_summary(r) for r in records], indent=2))
 
 
 def _runs_in(out: str | None) -> list[Path]:
     """The run directories of a config file's `out`: a sweep's runs (sweep.json), or `out` itself."""
+    from saeforge.trainer.rundir import sweep_run_dirs
+
     if not out:
         raise click.UsageError("no runs given: pass RUN directories, or --config with a top-level `out`")
-    index = Path(out) / "sweep.json"
-    return [Path(out) / name for name in json.loads(index.read_text())["runs"]] if index.is_file() else [Path(out)]
+    listed = sweep_run_dirs(out)
+    return [Path(out)] if listed is None else listed
 
 
 @click.command()
@@ -87,11 +92,11 @@ def plot(sweep_dir, out):
     the intervals). A sweep over several hooks gets one panel per hook and a hook column, rows sorted by
     hook, architecture and λ. Prints the paths as JSON.
     """
-    errors = _domain_errors()
+    from saeforge.pipeline.errors import domain_errors
     from saeforge.pipeline.plots import plot_sweep
 
     try:
         paths = plot_sweep(sweep_dir, out)
-    except errors as e:
-        raise click.ClickException(str(e).splitlines()[0]) from None
+    except domain_errors() as e:
+        raise one_line(e) from None
     click.echo(json.dumps(paths, indent=2))

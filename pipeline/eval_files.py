@@ -43,9 +43,13 @@ def digest(*parts) -> str:
 # ------------------------------------------------------------------ clean/ablation CE cache
 
 
+def cache_root(cache_dir: str | None) -> Path:
+    """The CE cache's directory: `cache_dir`, or ~/.cache/saeforge/eval."""
+    return Path(cache_dir) if cache_dir else Path.home() / ".cache" / "saeforge" / "eval"
+
+
 def cache_path(cache_dir: str | None, key: dict) -> Path:
-    root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "saeforge" / "eval"
-    return root / f"{digest({**key, 'cache_format': CACHE_FORMAT})}.json"
+    return cache_root(cache_dir) / f"{digest({**key, 'cache_format': CACHE_FORMAT})}.json"
 
 
 def _array(values, dtype) -> np.ndarray | None:

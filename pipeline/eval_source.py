@@ -9,7 +9,8 @@ only for the same one: ``eval_files.run_identity``). A run's cfg.json records al
 
 1. the store given with ``--store``: it must hold the run's hook at the run's width and, when the run records
    its training text, cut the same text by the same rules (its files may live elsewhere);
-2. the store at the path cfg.json records, while it is there (what eval did before cfg.json recorded more);
+2. the store at the path cfg.json records, while it is there (what eval did before cfg.json recorded more); a
+   different store found there (other text or rules, other statistics at the run's hook) is refused;
 3. cfg.json's ``store_info``: the store may be gone; the text must still be readable (or in the token cache).
 
 Runs that read the same store, or the same recorded provenance, are evaluated together (one LM, shared
@@ -40,6 +41,8 @@ class EvalSource(NamedTuple):
     """Hook -> (d,) float64 mean of the store's rows (mean ablation)."""
     store_attrs: dict | None
     """The store's attributes as stored (what eval.json's identity digests); None for a cfg.json source."""
+    stats: dict | None = None
+    """Hook -> the store's HookStats (mean, E||x||^2, E||x||, scale); None for a cfg.json source."""
 
     def identity_doc(self, info) -> dict:
         """What identifies the store a run is evaluated against: the store's attributes, or cfg.json's record."""
@@ -50,8 +53,9 @@ class EvalSource(NamedTuple):
 
 def _from_store(path: str, store) -> EvalSource:
     prov = Provenance.from_json(store.provenance, where=f"store {path}")
+    stats = {h: store.stats(h) for h in store.hooks}
     return EvalSource(f"store {path}", str(path), prov, {h: store.d(h) for h in store.hooks},
-                      {h: store.stats(h).mean for h in store.hooks}, store.attrs.to_json())
+                      {h: st.mean for h, st in stats.items()}, store.attrs.to_json(), stats)
 
 
 def _from_cfg(info, recorded) -> EvalSource:
@@ -71,6 +75,28 @@ def _check_text(info, source: EvalSource, recorded) -> None:
                         f"({'; '.join(diff[:3])}); give a store harvested from the same text and rules")
 
 
+def _check_same_store(info, source: EvalSource, recorded) -> None:
+    """The store found where cfg.json says the run's training store was must be that store: the same text cut
+    by the same rules, and the run's hook with the statistics it trained on (another harvest written to the same
+    path differs in one or the other)."""
+    if recorded is None or not recorded.provenance:
+        return  # a run saved without store_info: nothing to compare with
+    diff = Provenance.from_json(recorded.provenance, where=f"{info.run_dir}/cfg.json").text.differences(
+        source.provenance.text)
+    hook, stats = recorded.hook, (source.stats or {}).get(recorded.hook)
+    if stats is None:
+        diff.append(f"no hook {hook} (it holds {', '.join(source.dims)})")
+    elif source.dims[hook] != recorded.d_in:
+        diff.append(f"{hook} is {source.dims[hook]} wide, not {recorded.d_in}")
+    elif stats.to_json() != recorded.stats.to_json():
+        diff.append(f"{hook} statistics differ (E||x||^2 {recorded.stats.mean_sq_norm:.6g} when trained, "
+                    f"{stats.mean_sq_norm:.6g} now)")
+    if diff:
+        raise EvalError(f"{info.run_dir}/cfg.json records its training store at {recorded.path}, but "
+                        f"{source.where} is another store ({'; '.join(diff[:3])}); put the training store back, "
+                        "or pass --store with a store of the same text and hook")
+
+
 def _source_of(info, store_override: str | None, opened: dict) -> tuple[str, EvalSource]:
     """(group key, source) of one run; ``opened`` memoises stores by path."""
     from saeforge.stores import StoreNotFound, open_store
@@ -87,6 +113,8 @@ def _source_of(info, store_override: str | None, opened: dict) -> tuple[str, Eva
                 opened[path] = _from_store(path, open_store(path))
             if store_override:
                 _check_text(info, opened[path], recorded)
+            else:
+                _check_same_store(info, opened[path], recorded)
             return f"store:{path}", opened[path]
         except StoreNotFound as e:
             if store_override or recorded is None:

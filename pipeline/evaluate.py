@@ -27,6 +27,7 @@ from saeforge.pipeline import eval_files as F
 from saeforge.pipeline import metrics as M
 from saeforge.pipeline.errors import ConfigError, DatasetError, EvalError
 from saeforge.pipeline.eval_source import EvalSource, check_runs, group_runs
+from saeforge.pipeline.paths import check_output_dir
 from saeforge.pipeline.splice import HookResult, SpliceResult, Strategy, evaluate_hooks
 from saeforge.pipeline.provenance import TextProvenance
 from saeforge.stores.progress import progress_bar
@@ -92,33 +93,43 @@ class EvalConfig:
     """Seed of the bootstrap's resample indices."""
 
     def __post_init__(self):
-        problems = []
-        if self.tokens < 1:
-            problems.append(f"tokens must be >= 1, got {self.tokens}")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        problems = [(name, f"must be >= 1, got {getattr(self, name)}")
+                    for name in ("tokens", "batch_size", "bootstrap_resamples") if getattr(self, name) < 1]
         if self.strategy not in ("auto", "shared_prefix", "full"):
-            problems.append(f"strategy must be auto|shared_prefix|full, got {self.strategy!r}")
+            problems.append(("strategy", f"must be auto|shared_prefix|full, got {self.strategy!r}"))
         if self.dtype not in DTYPE_SPECS:
-            problems.append(f"dtype must be {'|'.join(DTYPE_SPECS)}, got {self.dtype!r}")
-        if self.bootstrap_resamples < 1:
-            problems.append(f"bootstrap_resamples must be >= 1, got {self.bootstrap_resamples}")
+            problems.append(("dtype", f"must be {'|'.join(DTYPE_SPECS)}, got {self.dtype!r}"))
         if not 0 < self.dense_threshold <= 1:
-            problems.append(f"dense_threshold must be in (0, 1], got {self.dense_threshold}")
+            problems.append(("dense_threshold", f"must be in (0, 1], got {self.dense_threshold}"))
+        if not 0 <= self.bootstrap_seed < 1 << 63:
+            problems.append(("bootstrap_seed", f"must be in [0, 2**63), got {self.bootstrap_seed}"))
+        problems += [(name, "must not be empty") for name in ("model", "device", "cache_dir")
+                     if getattr(self, name) is not None and not getattr(self, name).strip()]
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise ConfigError.of(problems)
 
 
 def _load_runs(run_dirs):
+    """(SAE, RunInfo) of every run directory; EvalError naming the directory or the file that cannot be read."""
+    from safetensors import SafetensorError
+
     from saeforge.trainer.errors import TrainerError
+    from saeforge.trainer.rundir import CFG_FILE
     from saeforge.trainer.saelens_files import load_sae
 
     runs = []
     for d in run_dirs:
+        if not str(d).strip():
+            raise EvalError("a run directory given is empty ('')")
         try:
             sae, info = load_sae(d)
         except TrainerError as e:
             raise EvalError(str(e)) from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # cfg.json parses but is no SAE config
+            raise EvalError(f"{Path(d) / CFG_FILE} is not an SAE config saeforge can read "
+                            f"({type(e).__name__}: {e})") from None
+        except (SafetensorError, RuntimeError, OSError) as e:  # unreadable weights, or not of cfg.json's shapes
+            raise EvalError(f"{Path(d) / F.WEIGHTS_FILE} cannot be loaded ({str(e).splitlines()[0]})") from None
         runs.append((sae, info))
     return runs
 
@@ -285,6 +296,12 @@ def evaluate_runs(run_dirs: Iterable[str | Path], cfg: EvalConfig | None = None,
     to date no LM is loaded. The returned records carry `run_dir` as given here.
     """
     cfg = cfg or EvalConfig()
+    if store is not None and not str(store).strip():
+        raise EvalError("--store is empty: give a store path or URL, or leave --store out")
+    if cfg.cache_dir is not None:  # as given: Path() would turn a URL's "://" into ":/"
+        check_output_dir(cfg.cache_dir, "--cache-dir")
+    else:
+        check_output_dir(F.cache_root(None), f"the CE cache {F.cache_root(None)} (set it with --cache-dir)")
     runs = _load_runs(run_dirs)
     lms: dict = {}
     records: dict[str, dict] = {}

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from saeforge.pipeline.errors import PipelineError
+from saeforge.pipeline.paths import check_output_dir
 from saeforge.trainer.rundir import EVAL_FILE, METRICS_FILE, eval_path, read_metrics, read_record, sweep_run_dirs
 
 CI_COLUMNS = {"loss recovered [95% CI]": "loss_recovered_ci95",
@@ -41,6 +42,8 @@ def _run_dirs(sweep_dir: Path) -> list[Path]:
 def load_sweep(sweep_dir: str | Path) -> list[dict]:
     """One row per evaluated run of the sweep (eval.json metrics, hook, architecture, λ, plus `eval`: the whole
     eval.json), sorted by hook, architecture and λ."""
+    if not str(sweep_dir).strip():
+        raise PlotError("the sweep directory given is empty ('')")
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise PlotError(f"{sweep_dir} is not a directory")
@@ -50,7 +53,7 @@ def load_sweep(sweep_dir: str | Path) -> list[dict]:
         if not eval_path(d).is_file():
             missing.append(d.name)
             continue
-        ev = json.loads(eval_path(d).read_text())
+        ev = read_eval(d)
         sae_cfg = read_record(d).get("sae", {})
         rows.append({"run": d.name, "architecture": ev["architecture"], "hook": ev["hook"],
                      "l1_coefficient": sae_cfg.get("l1_coefficient"), "lm_dtype": ev.get("lm_dtype"),
@@ -60,6 +63,24 @@ def load_sweep(sweep_dir: str | Path) -> list[dict]:
     if missing:
         print(f"saeforge plot: skipping runs without {EVAL_FILE}: {', '.join(missing)}", file=sys.stderr)
     return sorted(rows, key=_order)
+
+
+def read_eval(run_dir: Path) -> dict:
+    """A run's eval.json, with what the plots read from it; PlotError naming the file when it is not that."""
+    path = eval_path(run_dir)
+    try:
+        ev = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PlotError(f"{path} cannot be read as JSON ({str(e).splitlines()[0]}); rerun `saeforge eval "
+                        f"{run_dir}` to rewrite it") from None
+    needed = ("architecture", "hook", "metrics", "density_histogram")
+    lacking = [k for k in needed if k not in ev] if isinstance(ev, dict) else list(needed)
+    if not lacking and not isinstance(ev["metrics"], dict):
+        lacking = ["metrics object"]
+    if lacking:
+        raise PlotError(f"{path} is not an eval.json of saeforge eval (no {', '.join(lacking)}); rerun `saeforge "
+                        f"eval {run_dir}` to rewrite it")
+    return ev
 
 
 def _order(r: dict):
@@ -203,9 +224,13 @@ def plot_training_curves(rows: list[dict], sweep_dir: Path, path: Path) -> Path 
 
 def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, list[str]]:
     """Write the table and plots for a sweep; returns {"table": [csv, md], "plots": [png...], "hooks": [...]}."""
+    if out_dir is not None:
+        check_output_dir(out_dir, "--out")  # refused before anything is read (or said about the runs)
+    rows = load_sweep(sweep_dir)  # before Path(): an empty SWEEP_DIR is refused, not read as "."
     sweep_dir = Path(sweep_dir)
-    rows = load_sweep(sweep_dir)
-    out = Path(out_dir) if out_dir else sweep_dir / "report"
+    out = sweep_dir / "report" if out_dir is None else Path(out_dir)
+    if out_dir is None:
+        check_output_dir(out, "the report folder (set it with --out)")
     out.mkdir(parents=True, exist_ok=True)
     pareto = sweep_figure(rows, "loss_recovered", "loss recovered (eq. 5, zero ablation)", "Pareto",
                           ci="loss_recovered_ci95", hline=1.0)

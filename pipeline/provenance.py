@@ -16,6 +16,8 @@ With it and the tokenizer, :meth:`TextProvenance.heldout_windows` gives the held
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
 
@@ -33,6 +35,12 @@ def special_token_ids(tokenizer) -> tuple[int, ...]:
     ids = set(tokenizer.all_special_ids)
     ids.update(i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None)
     return tuple(sorted(int(i) for i in ids))
+
+
+def _dataset_label(record: dict) -> str:
+    """A dataset record in a few words for a message: its spec and a digest of its content's identity."""
+    digest = hashlib.sha256(json.dumps(dataset_identity(record)).encode()).hexdigest()[:12]
+    return f"{record.get('spec')!r} (content {digest})"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,7 +96,10 @@ class TextProvenance:
         """What would make ``other`` give different held-out windows or kept positions, as "field: mine vs
         other's" (the same text read from files that moved is no difference)."""
         mine, theirs = self._identity(), other._identity()
-        return [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+        shown = {k: (repr(mine[k]), repr(theirs[k])) for k in mine if mine[k] != theirs[k]}
+        if "dataset" in shown:  # a list of sha256s: named by its spec and a digest instead
+            shown["dataset"] = (_dataset_label(self.dataset), _dataset_label(other.dataset))
+        return [f"{k}: {a} vs {b}" for k, (a, b) in shown.items()]
 
     def _identity(self) -> dict[str, Any]:
         return {"dataset": dataset_identity(self.dataset), "context_size": self.rules.context_size,

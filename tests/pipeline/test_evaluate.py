@@ -16,6 +16,7 @@ import torch
 
 from saeforge.pipeline import bootstrap as B
 from saeforge.pipeline import metrics as M
+from tests.pipeline.helpers import one_error_line, read_only_dir
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
 D_IN, D_SAE = 64, 128
@@ -29,15 +30,17 @@ def _random_text(directory, seed=0, n_docs=6, n_words=400):
 
     rng = random.Random(seed)
     words = "the a sea of troubles mind slings arrows fortune sleep die nobler suffer arms question".split()
-    directory.mkdir(exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     for i in range(n_docs):
         (directory / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(n_words)))
     return directory
 
 
-def build_store(root, model_dir, *, context_size=16, heldout_every=4, lm_dtype="float32", name="store"):
+def build_store(root, model_dir, *, context_size=16, heldout_every=4, lm_dtype="float32", name="store", text_seed=0,
+                max_windows=None):
     """A real store of the tiny Llama's activations at HOOKS, built the way harvest does (train windows only);
-    `lm_dtype` is what its provenance records as the harvest dtype."""
+    `lm_dtype` is what its provenance records as the harvest dtype; `text_seed` picks the text (0: the text of
+    every other store), `max_windows` keeps only the first train windows (same text and rules, other rows)."""
     from saeforge.pipeline.data import describe_dataset
     from saeforge.pipeline.lm import capture, load_lm
     from saeforge.pipeline.provenance import Provenance, TextProvenance
@@ -46,11 +49,11 @@ def build_store(root, model_dir, *, context_size=16, heldout_every=4, lm_dtype="
 
     lm = load_lm(str(model_dir), device="cpu")
     rules = WindowRules(context_size=context_size, heldout_every=heldout_every)
-    record = describe_dataset(str(_random_text(root / "text")))
+    record = describe_dataset(str(_random_text(root / ("text" if text_seed == 0 else f"text{text_seed}"), text_seed)))
     text = TextProvenance.build(record, lm.tokenizer, rules)
     prov = Provenance(model=str(model_dir), model_info=lm.info, hooks=tuple(HOOKS), seed=0, lm_dtype=lm_dtype,
                       text=text)
-    windows = list(train_windows(record, lm.tokenizer, rules))
+    windows = list(train_windows(record, lm.tokenizer, rules))[:max_windows]
     idx = torch.tensor([i for i, _ in windows])
     token_ids = torch.as_tensor(np.stack([w for _, w in windows]))
     kept = text.kept_positions(token_ids)
@@ -285,7 +288,7 @@ def _cli(*args):
 
     from saeforge.pipeline.cli import main
 
-    return CliRunner().invoke(main, ["eval", *map(str, args), "--quiet", "--device", "cpu"])
+    return CliRunner().invoke(main, ["eval", "--quiet", "--device", "cpu", *map(str, args)])
 
 
 def test_cli_eval_then_plot(store_runs, tmp_path):
@@ -351,11 +354,7 @@ def test_cli_eval_rerun_is_a_no_op_until_something_changes(store_runs, tmp_path,
 
 
 def _one_line_error(r, *needles):
-    assert r.exit_code != 0
-    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
-    assert "Traceback" not in r.output and len(errors) == 1, r.output
-    for n in needles:
-        assert n in r.output, r.output
+    one_error_line(r, *needles)
 
 
 def test_cli_eval_bad_input(store_runs, tmp_path, tiny_model_dir, monkeypatch):
@@ -446,3 +445,96 @@ def test_store_option_refuses_other_text_and_a_gone_store_needs_store_info(store
     (bare,) = _copy_runs(store_runs.runs[:1], tmp_path / "bare")  # saved without store_info
     _edit_cfg(bare, lambda c: c["saeforge"].update(store=str(tmp_path / "gone")))
     _one_line_error(_cli(bare, *c), "no store at", "cfg.json records no store_info")
+
+
+# ------------------------------------------------------------------ another store where the training store was
+
+
+@pytest.fixture(scope="module")
+def other_stores(tmp_path_factory, tiny_model_dir):
+    """Stores that are not the store `store_runs` trained on: another context size, another text, and the same
+    text and rules with other rows (so other statistics at every hook)."""
+    root = tmp_path_factory.mktemp("other_stores")
+    return {"context": build_store(root / "context", tiny_model_dir, context_size=8)[0],
+            "text": build_store(root / "text", tiny_model_dir, text_seed=1)[0],
+            "rows": build_store(root / "rows", tiny_model_dir, max_windows=12)[0]}
+
+
+@pytest.mark.parametrize("kind, difference", [
+    ("context", "context_size: 16 vs 8"),
+    ("text", "dataset: "),
+    ("rows", f"{HOOKS[0]} statistics differ"),
+])
+def test_another_store_at_the_training_stores_path_is_refused_and_store_option_still_works(
+        kind, difference, store_runs, other_stores, tmp_path, tiny_model_dir):
+    """cfg.json's store_info (provenance and the hook's statistics) against the store found at its path: a store
+    harvested anew there (another text, context size or rows) is refused in one line naming both; the training
+    store given with --store is evaluated."""
+    store = tmp_path / "store"
+    shutil.copytree(store_runs.store, store)
+    (run,) = _save_recorded_runs(tmp_path, store, tiny_model_dir, RUNS[:1])
+    (run / "eval.json").write_text("KEEP")
+    shutil.move(store, tmp_path / "training_store")
+    shutil.copytree(other_stores[kind], store)
+    c = ("--tokens", 64, "--batch-size", 2, "--cache-dir", tmp_path / "c")
+    _one_line_error(_cli(run, *c), f"{run}/cfg.json records its training store at {store}",
+                    f"store {store} is another store", difference)
+    assert (run / "eval.json").read_text() == "KEEP"  # nothing evaluated, nothing lost
+    r = _cli(run, "--store", tmp_path / "training_store", *c)
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "eval.json").read_text())["store"] == str(tmp_path / "training_store")
+
+
+# ------------------------------------------------------------------ bad input: one line, nothing evaluated or lost
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+BAD_RUN_FILES = {  # what a run directory holds instead of a readable SAE
+    "cfg_not_json": ("cfg.json", "{"),
+    "cfg_a_list": ("cfg.json", "[1]"),
+    "cfg_no_sae": ("cfg.json", '{"saeforge": {}}'),
+    "weights_cut": ("sae_weights.safetensors", "x" * 100),
+}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "bogus"], "unknown device 'bogus'"),
+    pytest.param(["--device", "cuda"], "device 'cuda' (--device) is not available", marks=NO_CUDA),
+    (["--cache-dir", "A_FILE"], "--cache-dir A_FILE exists and is not a directory"),
+    (["--cache-dir", "A_FILE/c"], "is a file, not a directory"),
+    (["--cache-dir", "READ_ONLY/c"], "is not writable"),
+    (["--cache-dir", "memory://c"], "a URL, but only a local directory works here"),
+    (["--cache-dir", ""], "--cache-dir must not be empty"),
+    (["--store", ""], "--store is empty"),
+    (["--tokens", "0"], "--tokens must be >= 1, got 0"),
+    (["--model", ""], "--model must not be empty"),
+    (["--config", "BAD_TOML"], "bad.toml: eval.bootstrap_resamples must be >= 1, got 0"),
+    (["NO_RUN"], "a run directory given is empty"),
+    (["cfg_not_json"], "cfg.json is not valid JSON"),
+    (["cfg_a_list"], "cfg.json should hold a JSON object"),
+    (["cfg_no_sae"], "cfg.json is not an SAE config saeforge can read"),
+    (["weights_cut"], "sae_weights.safetensors cannot be loaded"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_cli_eval_bad_input_is_one_line_and_loses_nothing(args, message, store_runs, tmp_path):
+    (run,) = _copy_runs(store_runs.runs[:1], tmp_path / "runs")
+    (run / "eval.json").write_text("KEEP")  # a real evaluation would replace it
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "bad.toml").write_text("[eval]\nbootstrap_resamples = 0\n")
+    if args[0] in BAD_RUN_FILES:
+        name, content = BAD_RUN_FILES[args[0]]
+        (run / name).write_text(content)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with read_only_dir(tmp_path) as read_only:
+        words = {"A_FILE": str(tmp_path / "a_file"), "BAD_TOML": str(tmp_path / "bad.toml"),
+                 "A_FILE/c": str(tmp_path / "a_file" / "c"), "READ_ONLY/c": str(read_only / "c")}
+        if args[0] == "NO_RUN":
+            runs, flags = [""], []
+        elif args[0] in BAD_RUN_FILES:
+            runs, flags = [run], []
+        else:
+            runs, flags = [run], [words.get(a, a) for a in args]
+        r = _cli(*runs, "--tokens", 64, "--batch-size", 2, *flags)
+        one_error_line(r, message.replace("A_FILE", str(tmp_path / "a_file")))
+        assert not (read_only / "c").exists()
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "bad.toml", "runs"]  # no cache, no `memory:`

@@ -146,3 +146,44 @@ def test_plots_do_not_touch_pyplot_or_the_backend():
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not any("pyplot" in n for n in names)
     assert "matplotlib.use" not in inspect.getsource(plots)
+
+
+BROKEN = {  # file of run r0 (or the sweep) -> what it holds instead
+    "eval_not_json": ("r0/eval.json", '{"format": 2, "metrics": {'),
+    "eval_a_list": ("r0/eval.json", "[1, 2]"),
+    "eval_no_metrics": ("r0/eval.json", '{"architecture": "gated", "hook": "h"}'),
+    "cfg_not_json": ("r0/cfg.json", '{"saeforge": ['),
+    "sweep_not_json": ("sweep.json", '{"runs": ['),
+}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("eval_not_json", "r0/eval.json cannot be read as JSON"),
+    ("eval_a_list", "r0/eval.json is not an eval.json of saeforge eval"),
+    ("eval_no_metrics", "r0/eval.json is not an eval.json of saeforge eval (no metrics, density_histogram)"),
+    ("cfg_not_json", "r0/cfg.json is not valid JSON"),
+    ("sweep_not_json", "sweep.json is not valid JSON"),
+    ("out_empty", "--out is empty"),
+    ("out_url", "--out memory://report: a URL, but only a local directory works here"),
+    ("out_a_file", "exists and is not a directory"),
+    ("out_under_a_file", "is a file, not a directory"),
+    ("out_read_only", "is not writable"),
+    ("sweep_dir_empty", "the sweep directory given is empty"),
+])
+def test_cli_plot_bad_input_is_one_line_and_writes_nothing(case, message, tmp_path, monkeypatch):
+    from tests.pipeline.helpers import one_error_line, read_only_dir
+
+    monkeypatch.chdir(tmp_path)  # a URL taken for a local path would show up here as a folder `memory:`
+    sweep = _fake_sweep(tmp_path / "sweep")
+    (tmp_path / "a_file").write_text("x")
+    if case in BROKEN:
+        name, content = BROKEN[case]
+        (sweep / name).write_text(content)
+    with read_only_dir(tmp_path) as read_only:
+        out = {"out_empty": "", "out_url": "memory://report", "out_a_file": str(tmp_path / "a_file"),
+               "out_under_a_file": str(tmp_path / "a_file" / "report"),
+               "out_read_only": str(read_only / "report")}.get(case)
+        args = ["plot", "" if case == "sweep_dir_empty" else str(sweep), *(["--out", out] if out is not None else [])]
+        one_error_line(CliRunner().invoke(main, args), message)
+        assert not (read_only / "report").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "sweep"] and not (sweep / "report").exists()

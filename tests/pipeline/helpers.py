@@ -1,0 +1,37 @@
+"""Helpers the bad-input tests share: a directory this process cannot write into, and the one-line check."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+
+@contextmanager
+def read_only_dir(tmp_path: Path):
+    """A directory this process cannot create anything in: a chmod 555 folder, or /proc when running as root
+    (root writes through permission bits; /proc refuses new entries to everyone)."""
+    if os.geteuid() != 0:
+        d = tmp_path / "read_only"
+        d.mkdir()
+        d.chmod(0o555)
+        try:
+            yield d
+        finally:
+            d.chmod(0o755)
+    elif Path("/proc/self").is_dir():
+        yield Path("/proc")
+    else:
+        pytest.skip("running as root without /proc: no directory is read-only here")
+
+
+def one_error_line(result, *needles: str) -> str:
+    """Assert a CliRunner result is a refusal: exit 1 through click (no exception escaped, so no traceback),
+    nothing on stdout, and one `Error:` line on stderr holding every needle. Returns that line."""
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert result.stdout == "" and len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

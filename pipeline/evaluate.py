@@ -296,6 +296,7 @@ def evaluate_runs(run_dirs: Iterable[str | Path], cfg: EvalConfig | None = None,
     to date no LM is loaded. The returned records carry `run_dir` as given here.
     """
     cfg = cfg or EvalConfig()
+    resolve_device(cfg.device)  # an unknown device, or one this machine lacks, fails before anything is read
     if store is not None and not str(store).strip():
         raise EvalError("--store is empty: give a store path or URL, or leave --store out")
     if cfg.cache_dir is not None:  # as given: Path() would turn a URL's "://" into ":/"

@@ -186,7 +186,7 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     """Harvest ``cfg.tokens`` rows of every hook into the store at ``cfg.out``: resumes an interrupted store, and
     returns the recorded result without running anything when the store is already complete for this config."""
     from saeforge.pipeline.lm import hook_dims, load_lm, resolve_hooks
-    from saeforge.stores import open_store
+    from saeforge.stores import open_store, write_run_record
     from saeforge.trainer.device import resolve_dtype
 
     t0 = time.perf_counter()
@@ -228,7 +228,7 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     result = HarvestResult(store=store.path, rows=store.n_rows, rows_resumed=skip, forward_passes=passes,
                            tokens_forwarded=forwarded, lm_s=t2 - t1, write_s=t3 - t2, wall_s=t3 - t0,
                            bytes_per_hook=sizes, hooks=hooks, config=asdict(cfg))
-    store.loc.fs.pipe_file(store.loc.sub(HARVEST_FILE), json.dumps(result.to_json(), indent=1).encode())
+    write_run_record(store, HARVEST_RECORD, result.to_json())
     return result
 
 
@@ -247,7 +247,9 @@ def open_writer(cfg: HarvestConfig, dims: dict[str, int], prov: Provenance, prog
                            "a whole shard in an eighth of it; raise --writer-memory-mb") from None
 
 
-HARVEST_FILE = "harvest.json"
+HARVEST_RECORD = "harvest"
+"""The store's run record of what harvest measured (``stores.records``: inside the store, where plain zarr does
+not warn about it; stores written before it keep a ``harvest.json`` beside the arrays, read the same way)."""
 # Config fields that do not change what a store holds (a rerun that differs only in these is the same harvest).
 NOT_CONTENT = {"out", "writer_memory_bytes", "queue_batches", "device", "hooks", "layers", "sites"}
 
@@ -263,7 +265,7 @@ def requested_hooks(cfg: HarvestConfig) -> list[str]:
 def completed_result(cfg: HarvestConfig) -> HarvestResult | None:
     """The recorded result when ``cfg.out`` is a complete store of this very harvest (nothing to do); None when
     there is no complete store; HarvestError naming the difference when it is a complete store of another."""
-    from saeforge.stores import StoreNotFound
+    from saeforge.stores import InvalidInput, StoreNotFound, open_store, read_run_record
     from saeforge.stores.reader import read_attrs
 
     try:
@@ -272,12 +274,13 @@ def completed_result(cfg: HarvestConfig) -> HarvestResult | None:
         return None
     if not attrs.is_complete:
         return None
-    from saeforge.stores import open_store
 
-    store = open_store(cfg.out)
     try:
-        recorded = json.loads(store.loc.fs.cat_file(store.loc.sub(HARVEST_FILE)))
-    except (OSError, ValueError):
+        recorded = read_run_record(open_store(cfg.out), HARVEST_RECORD)
+    except InvalidInput:  # not JSON: compared as a record of nothing
+        recorded = None
+    fields = set(HarvestResult._fields)
+    if not (isinstance(recorded, dict) and fields <= set(recorded) and isinstance(recorded["config"], dict)):
         recorded = {"config": {}, "hooks": []}
     old, new = recorded["config"], asdict(cfg)
     diff = [f"{k}: store has {old.get(k)!r}, this run asks for {new[k]!r}" for k in new
@@ -287,7 +290,6 @@ def completed_result(cfg: HarvestConfig) -> HarvestResult | None:
     if diff:
         raise HarvestError(f"{cfg.out} is already a complete store of another harvest ({'; '.join(diff[:4])}); "
                            "choose another --out")
-    fields = set(HarvestResult._fields)
     return HarvestResult(**{k: v for k, v in recorded.items() if k in fields})
 
 
@@ -301,8 +303,8 @@ def check_resumable(out: str, prov: Provenance) -> None:
     except StoreNotFound:
         return
     if attrs.is_complete:  # reached only when `completed_result` found no record of this harvest
-        raise HarvestError(f"{out} is already a complete store ({attrs.n_rows} rows) with no "
-                           f"{HARVEST_FILE} to compare with; choose another --out")
+        raise HarvestError(f"{out} is already a complete store ({attrs.n_rows} rows) with no harvest "
+                           "record to compare with; choose another --out")
     old, new = _flatten(attrs.provenance or {}), _flatten(json.loads(json.dumps(prov.to_json())))
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:

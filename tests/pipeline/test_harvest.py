@@ -20,7 +20,7 @@ from saeforge.pipeline.cli import main
 from saeforge.pipeline.harvest import HarvestConfig, HarvestError, harvest
 from saeforge.pipeline.lm import load_lm
 from saeforge.pipeline.provenance import Provenance
-from saeforge.stores import StoreIncomplete, open_store
+from saeforge.stores import StoreIncomplete, open_store, read_run_record
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.attn.hook_z")
 WORDS = ("to be or not that is the question whether tis nobler in the mind suffer slings and arrows of "
@@ -98,7 +98,7 @@ def test_bf16_lm_compute_and_bf16_store(cfg, tiny_model_dir, tmp_path):
     result = harvest(replace(cfg, lm_dtype="bfloat16", store_dtype="bfloat16", tokens=200), progress=False)
     s = open_store(cfg.out)
     assert s.dtype == "bfloat16" and s.provenance["lm_dtype"] == "bfloat16" and result.rows == 200
-    assert json.loads((tmp_path / "store" / "harvest.json").read_text())["rows"] == 200
+    assert read_run_record(cfg.out, "harvest")["rows"] == 200 and not (tmp_path / "store" / "harvest.json").exists()
 
 
 def test_a_different_config_on_an_incomplete_store_is_refused_by_name(cfg, lm):
@@ -115,6 +115,28 @@ def test_a_different_config_on_an_incomplete_store_is_refused_by_name(cfg, lm):
     assert (Path(cfg.out) / "zarr.json").read_bytes() == zarr_json
     with pytest.raises(HarvestError, match="already a complete store of another harvest.*tokens: store has 600"):
         harvest(replace(cfg, tokens=700), lm=lm, progress=False)
+
+
+def test_the_harvest_record_lives_inside_the_store_and_plain_zarr_reads_it_without_warnings(cfg, lm):
+    """harvest.json beside the arrays made zarr warn; the record is now a run record (stores.records). A store
+    written before keeps its harvest.json, and a rerun still finds it complete."""
+    import shutil
+    import warnings
+
+    import zarr
+
+    first = harvest(replace(cfg, tokens=200), lm=lm, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        group = zarr.open_group(cfg.out, mode="r")
+        assert sorted(name for name, _ in group.arrays()) == sorted([*HOOKS, "pos", "seq_idx", "token_ids"])
+    assert [str(w.message) for w in caught] == []
+    legacy = read_run_record(cfg.out, "harvest")
+    shutil.rmtree(Path(cfg.out) / "records")  # as an earlier saeforge left it
+    (Path(cfg.out) / "harvest.json").write_text(json.dumps(legacy, indent=1))
+    again = harvest(replace(cfg, tokens=200, lm_dtype="float32"), progress=False)  # complete: loads no model
+    assert again.to_json() == legacy and legacy == json.loads(json.dumps(first.to_json()))
+    assert not (Path(cfg.out) / "records").exists()
 
 
 def test_a_failing_consumer_leaves_no_tokenizer_thread_behind(cfg, lm):

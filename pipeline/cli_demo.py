@@ -69,7 +69,7 @@ def demo(out, config_file, quiet, **flags):
         cfg = build_config(DemoConfig, file.get("demo"), flags)
     except ConfigError as e:
         raise config_failure(e, table="demo", flags=flags, file=file) from None
-    out = (file.out or "demo") if out is None else out
+    out = out if out is not None else file.out if file.out is not None else "demo"  # "" is refused, not "demo"
     try:
         record = run_demo(out, preset=cfg.preset, dtype=cfg.dtype, device=cfg.device, model=cfg.model,
                           dataset=cfg.dataset, progress=not quiet)

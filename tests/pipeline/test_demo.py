@@ -53,6 +53,7 @@ NO_CUDA = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="th
     (["A_FILE/demo"], "a_file is a file, not a directory"),
     (["OUT", "--model", ""], "--model must not be empty"),
     (["OUT", "--dataset", ""], "--dataset must not be empty"),
+    (["--config", "empty_out.toml"], "OUT is empty"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_demo_bad_input_is_one_line_and_makes_no_folder(args, message, tmp_path, monkeypatch):
     """Refused before the first stage: no model is loaded and no folder made (demo's OUT is created only after
@@ -63,8 +64,9 @@ def test_demo_bad_input_is_one_line_and_makes_no_folder(args, message, tmp_path,
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty_out.toml").write_text('out = ""\n')  # the file's `out` is OUT's default
     args = [{"OUT": "out", "A_FILE/demo": "a_file/demo"}.get(a, a) for a in args]
     r = CliRunner().invoke(main, ["demo", *args, "--quiet"])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr, r.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "empty_out.toml"]

@@ -203,7 +203,14 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     if cfg.context_size > lm.info["n_ctx"]:
         raise HarvestError(f"context size {cfg.context_size} exceeds the model's maximum {lm.info['n_ctx']}")
     prov = harvest_provenance(cfg, lm, hooks, record)
-    check_resumable(cfg.out, prov)
+    if check_resumable(cfg.out, prov):  # complete, same provenance, no record yet: write it, run nothing
+        store = open_store(cfg.out)
+        result = HarvestResult(store=store.path, rows=store.n_rows, rows_resumed=store.n_rows, forward_passes=0,
+                               tokens_forwarded=0, lm_s=0.0, write_s=0.0, wall_s=time.perf_counter() - t0,
+                               bytes_per_hook={h: int(store.group[h].nbytes_stored()) for h in store.hooks},
+                               hooks=hooks, config=asdict(cfg))
+        write_run_record(store, HARVEST_RECORD, result.to_json())
+        return result
     check_rows_available(prov.text, lm.tokenizer, cfg.tokens, cfg.batch_size)
     dims = hook_dims(lm, hooks)
     writer = open_writer(cfg, dims, prov, progress)
@@ -281,7 +288,7 @@ def completed_result(cfg: HarvestConfig) -> HarvestResult | None:
         recorded = None
     fields = set(HarvestResult._fields)
     if not (isinstance(recorded, dict) and fields <= set(recorded) and isinstance(recorded["config"], dict)):
-        recorded = {"config": {}, "hooks": []}
+        return None  # killed between the completion record and the harvest record: `harvest` compares provenance
     old, new = recorded["config"], asdict(cfg)
     diff = [f"{k}: store has {old.get(k)!r}, this run asks for {new[k]!r}" for k in new
             if k not in NOT_CONTENT and old.get(k) != (list(new[k]) if isinstance(new[k], tuple) else new[k])]
@@ -293,24 +300,25 @@ def completed_result(cfg: HarvestConfig) -> HarvestResult | None:
     return HarvestResult(**{k: v for k, v in recorded.items() if k in fields})
 
 
-def check_resumable(out: str, prov: Provenance) -> None:
-    """An existing store at ``out`` must be an incomplete one with the same provenance (named if not)."""
+def check_resumable(out: str, prov: Provenance) -> bool:
+    """An existing store at ``out`` must hold the same provenance (HarvestError naming the difference if not);
+    True when it is already complete (a harvest killed after its completion record, before its run record)."""
     from saeforge.stores import StoreNotFound
     from saeforge.stores.reader import read_attrs
 
     try:
         _, attrs = read_attrs(out, require_complete=False)
     except StoreNotFound:
-        return
-    if attrs.is_complete:  # reached only when `completed_result` found no record of this harvest
-        raise HarvestError(f"{out} is already a complete store ({attrs.n_rows} rows) with no harvest "
-                           "record to compare with; choose another --out")
+        return False
     old, new = _flatten(attrs.provenance or {}), _flatten(json.loads(json.dumps(prov.to_json())))
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:
         detail = "; ".join(f"{k}: store has {old.get(k)!r}, this run has {new.get(k)!r}" for k in diff[:6])
-        raise HarvestError(f"{out} is an incomplete store from a different harvest ({detail}); rerun the same "
-                           "command to resume it, or write to a new --out")
+        state = "a complete" if attrs.is_complete else "an incomplete"
+        raise HarvestError(f"{out} is {state} store from a different harvest ({detail}); "
+                           + ("choose another --out" if attrs.is_complete else
+                              "rerun the same command to resume it, or write to a new --out"))
+    return attrs.is_complete
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

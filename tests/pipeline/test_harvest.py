@@ -117,6 +117,21 @@ def test_a_different_config_on_an_incomplete_store_is_refused_by_name(cfg, lm):
         harvest(replace(cfg, tokens=700), lm=lm, progress=False)
 
 
+def test_killed_after_completion_before_its_record_the_same_command_only_writes_the_record(cfg, lm):
+    import shutil
+
+    first = harvest(cfg, lm=lm, progress=False)
+    shutil.rmtree(Path(cfg.out) / "records")  # as if killed between the completion record and the run record
+    zarr_json = (Path(cfg.out) / "zarr.json").read_bytes()
+    again = harvest(cfg, lm=lm, progress=False)
+    assert again.forward_passes == 0 and again.rows == first.rows == again.rows_resumed
+    assert (Path(cfg.out) / "zarr.json").read_bytes() == zarr_json
+    assert harvest(cfg, lm=lm, progress=False).forward_passes == 0  # and from now on the record says so
+    shutil.rmtree(Path(cfg.out) / "records")
+    with pytest.raises(HarvestError, match="a complete store from a different harvest.*context_size"):
+        harvest(replace(cfg, context_size=16), lm=lm, progress=False)
+
+
 def test_the_harvest_record_lives_inside_the_store_and_plain_zarr_reads_it_without_warnings(cfg, lm):
     """harvest.json beside the arrays made zarr warn; the record is now a run record (stores.records). A store
     written before keeps its harvest.json, and a rerun still finds it complete."""

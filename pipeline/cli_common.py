@@ -34,6 +34,19 @@ def config_failure(exc: BaseException, *, table: str, flags: dict, file, renamed
                                           for field, text in problems))
 
 
+def stage_config(cls, table: str, config_file: str | None, flags: dict):
+    """(the checked --config file, `cls` built from its [table] and the flags given), or the ``Error:`` line."""
+    from saeforge.pipeline.errors import ConfigError
+    from saeforge.trainer.options import build_config, given
+
+    file = read_config_or_fail(config_file)
+    flags = given(flags, table)
+    try:
+        return file, build_config(cls, file.get(table), flags)
+    except ConfigError as e:
+        raise config_failure(e, table=table, flags=flags, file=file) from None
+
+
 def read_config_or_fail(path: str | None):
     """The checked --config file (`trainer/options.py: read_config`), or its ``Error:`` line."""
     from saeforge.trainer.errors import TrainerError

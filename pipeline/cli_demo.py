@@ -7,8 +7,8 @@ from typing import Literal
 
 import click
 
-from saeforge.pipeline.cli_common import config_failure, one_line, read_config_or_fail
-from saeforge.trainer.options import CONFIG_HELP, build_config, given, table_options, with_options
+from saeforge.pipeline.cli_common import one_line, stage_config
+from saeforge.trainer.options import CONFIG_HELP, table_options, with_options
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,14 +61,9 @@ def demo(out, config_file, quiet, **flags):
         saeforge demo            # into ./demo
     """
     from saeforge.pipeline.demo import run_demo
-    from saeforge.pipeline.errors import ConfigError, domain_errors
+    from saeforge.pipeline.errors import domain_errors
 
-    file = read_config_or_fail(config_file)
-    flags = given(flags, "demo")
-    try:
-        cfg = build_config(DemoConfig, file.get("demo"), flags)
-    except ConfigError as e:
-        raise config_failure(e, table="demo", flags=flags, file=file) from None
+    file, cfg = stage_config(DemoConfig, "demo", config_file, flags)
     out = out if out is not None else file.out if file.out is not None else "demo"  # "" is refused, not "demo"
     try:
         record = run_demo(out, preset=cfg.preset, dtype=cfg.dtype, device=cfg.device, model=cfg.model,

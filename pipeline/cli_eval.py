@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from saeforge.pipeline.cli_common import config_failure, one_line, read_config_or_fail
-from saeforge.trainer.options import CONFIG_HELP, build_config, given, table_options, with_options
+from saeforge.pipeline.cli_common import one_line, stage_config
+from saeforge.trainer.options import CONFIG_HELP, table_options, with_options
 
 
 def _summary(rec: dict) -> dict:
@@ -50,19 +50,14 @@ def eval_cmd(runs, config_file, store, force, quiet, **flags):
 
         saeforge eval runs/sweep1/* --tokens 262144
     """
-    from saeforge.pipeline.errors import ConfigError, domain_errors
+    from saeforge.pipeline.errors import domain_errors
     from saeforge.pipeline.evaluate import EvalConfig, evaluate_runs
 
     if quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # its "Loading weights" bar too
-    file = read_config_or_fail(config_file)
-    flags = given(flags, "eval")
-    try:
-        cfg = build_config(EvalConfig, file.get("eval"), flags)
-    except ConfigError as e:
-        raise config_failure(e, table="eval", flags=flags, file=file) from None
+    file, cfg = stage_config(EvalConfig, "eval", config_file, flags)
     try:
         records = evaluate_runs(list(runs) or _runs_in(file.out), cfg, progress=not quiet, force=force, store=store)
     except domain_errors() as e:

@@ -11,7 +11,7 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile
 export PYTHONPATH=/tmp/saeforge:/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, zarr, transformer_lens, saeforge.pipeline.lm as l; print(torch.__version__, transformers.__version__, zarr.__version__)" || exit 1
-# Harvest: the shape (ctx 128, batch 8) and a GPU-sized one, on a 1B-parameter Llama built from a config.
+# Harvest: the CPU benchmark's shape (ctx 128, batch 8; README, Harvest table) and a GPU-sized one, on a 1B-parameter Llama built from a config.
 timeout 150 python3 scripts/bench_harvest.py --device cuda --model-config llama-1b --dataset synthetic \
   --layer 10 --context-size 128 --batch-size 8 --batches 60 --repeats 2 2>&1 | tee "$OUT/harvest_ctx128_b8.txt"
 timeout 110 python3 scripts/bench_harvest.py --device cuda --model-config llama-1b --dataset synthetic \

@@ -3,7 +3,6 @@ verify catch it when they read; ``store info`` / ``store verify`` say so in one 
 never a fill value read as data."""
 from __future__ import annotations
 
-import shutil
 from contextlib import nullcontext
 
 import numpy as np
@@ -13,20 +12,13 @@ import torch
 from saeforge.stores import (SchemaMismatch, StoreDamaged, StoreError, StoreLoader, StoreWriter, open_store,
                              verify_store)
 
-from .damage import DAMAGE, DEEP_DAMAGE, HOOK, N, delete, make_store, mark_chunk_missing
+from .damage import DAMAGE, DEEP_DAMAGE, HOOK, N, delete, mark_chunk_missing
 from .test_verify_cli import assert_one_clear_line, cli
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    return make_store(tmp_path_factory.mktemp("damage") / "pristine")
-
-
 @pytest.fixture
-def copy(pristine, tmp_path):
-    path = tmp_path / "store"
-    shutil.copytree(pristine, path)
-    return path
+def copy(store_copy):
+    return store_copy
 
 
 def load_all(path, **kw):

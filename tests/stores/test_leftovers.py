@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -17,19 +16,12 @@ from saeforge.stores import (InvalidInput, StoreError, StoreIncomplete, StoreNot
                              read_run_record, verify_store, write_run_record)
 from saeforge.stores.schema import STATE_DIR
 
-from .damage import HOOK, make_store
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    return make_store(tmp_path_factory.mktemp("leftovers") / "pristine")
+from .damage import HOOK
 
 
 @pytest.fixture
-def store(pristine, tmp_path):
-    path = tmp_path / "store"
-    shutil.copytree(pristine, path)
-    return path
+def store(store_copy):
+    return store_copy
 
 
 @pytest.fixture(scope="module")

@@ -131,31 +131,48 @@ def meta_codecs(np_dtype) -> dict:
 
 
 class Location(NamedTuple):
-    """Where a store lives: an fsspec filesystem and the group's root path inside it."""
+    """Where a store lives: an fsspec filesystem and the group's root path inside it.
+
+    ``storage_options`` are the keyword arguments of the fsspec filesystem (credentials, ``endpoint_url``,
+    ...): every reader and writer of a store at a URL opens it with them."""
 
     url: str
     fs: object
     root: str
     is_local: bool
+    storage_options: dict | None = None
 
     def zarr_store(self, read_only: bool = False):
         from zarr.storage import FsspecStore, LocalStore
 
         if self.is_local:
             return LocalStore(self.root, read_only=read_only)
-        return FsspecStore.from_url(self.url, read_only=read_only)
+        return FsspecStore.from_url(self.url, storage_options=self.storage_options, read_only=read_only)
 
     def sub(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
 
-def locate(path_or_url) -> Location:
-    """Local path (str or PathLike) or fsspec URL (``memory://``, ``s3://``, ...) -> Location."""
+def is_url(path_or_url) -> bool:
+    """Whether ``path_or_url`` names a location on an fsspec filesystem other than the local disk
+    (``memory://x``, ``s3://bucket/x``); ``file://`` URLs and plain paths are local."""
+    text = os.fspath(path_or_url)
+    return "://" in text and not text.startswith("file://")
+
+
+def locate(path_or_url, storage_options: dict | None = None) -> Location:
+    """Local path (str or PathLike) or fsspec URL (``memory://``, ``s3://``, ...) -> Location.
+
+    ``storage_options``: keyword arguments of the URL's fsspec filesystem (for s3fs: ``key``, ``secret``,
+    ``client_kwargs={"endpoint_url": ...}``, ...); a Location passed in is returned as it is."""
     import fsspec
 
+    if isinstance(path_or_url, Location):
+        return path_or_url
     text = os.fspath(path_or_url)
-    if "://" in text and not text.startswith("file://"):
-        fs, root = fsspec.core.url_to_fs(text)
-        return Location(text.rstrip("/"), fs, root.rstrip("/"), False)
+    if is_url(text):
+        opts = dict(storage_options or {})
+        fs, root = fsspec.core.url_to_fs(text, **opts)
+        return Location(text.rstrip("/"), fs, root.rstrip("/"), False, opts or None)
     local = os.path.abspath(text.removeprefix("file://"))
     return Location(local, fsspec.filesystem("file"), local, True)

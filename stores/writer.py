@@ -42,11 +42,12 @@ class StoreWriter:
     def __init__(self, path_or_url, hooks: dict[str, int], dtype: str = "bfloat16", seed: int = 0,
                  expected_rows: int | None = None, provenance: dict | None = None,
                  memory_limit_bytes: int = 1 << 30, chunk_rows: int | None = None,
-                 shard_chunks: int = schema.SHARD_CHUNKS, progress: bool = False):
+                 shard_chunks: int = schema.SHARD_CHUNKS, progress: bool = False,
+                 storage_options: dict | None = None):
         self.spec = WriterSpec.build(hooks=hooks, dtype=dtype, seed=seed, expected_rows=expected_rows,
                                      provenance=provenance or {}, memory_limit_bytes=memory_limit_bytes,
                                      chunk_rows=chunk_rows, shard_chunks=shard_chunks)
-        self.loc = schema.locate(path_or_url)
+        self.loc = schema.locate(path_or_url, storage_options)
         self.progress_bar = progress
         self._state_dir = self.loc.sub(schema.STATE_DIR)
         self._lock = f"{self._state_dir}/lock"

@@ -25,6 +25,7 @@ from saeforge.stores.progress import progress_bar
 from saeforge.stores.shuffle import ShuffleContext, Stager, iter_shuffled
 from saeforge.stores.spec import WriterSpec, create_arrays
 from saeforge.stores.staging import read_counts
+from saeforge.stores.tasks import TASKS_DIR, TaskManifest
 from saeforge.stores.stats import StatsAccumulator
 from saeforge.stores.tidy import foreign_names, remove_temps, tidy_complete
 
@@ -192,6 +193,9 @@ class StoreWriter:
         data = self.spec.convert_batch(acts, token_ids=token_ids, seq_idx=seq_idx, pos=pos)
         if not data:
             return
+        if self._progress.get("tasks") is not None:
+            raise StoreError(f"{self.loc.url} is being staged by a distributed harvest; resume it with the same "
+                             "--workers/--scheduler command")
         if self._progress["phase"] != "staging":
             raise StoreError(f"{self.loc.url}: all rows were already staged by an earlier run "
                              f"({self.rows_staged}); skip them and call close() to finish")
@@ -234,8 +238,45 @@ class StoreWriter:
         self.abort() if exc_type else self.close()
 
     def _staged_files(self):
-        return [read_counts(self.loc, f"{self._state_dir}/stage/f{i:07d}.bin", self.spec.n_buckets)
-                for i in range(self._progress["n_files"])]
+        """Every staged file, in stream order: this writer's own (a prefix of the stream), then the files of
+        the tasks a distributed producer staged (``adopt_tasks``)."""
+        own = [read_counts(self.loc, f"{self._state_dir}/stage/f{i:07d}.bin", self.spec.n_buckets)
+               for i in range(self._progress["n_files"])]
+        plan = self._progress.get("tasks") or {}
+        return own + [read_counts(self.loc, self.loc.sub(TASKS_DIR, f), self.spec.n_buckets)
+                      for f in plan.get("files") or []]
+
+    # --- rows staged by tasks (a distributed producer: stores/tasks.py) ------------------------------------
+    @property
+    def task_plan_state(self) -> dict | None:
+        """The distributed producer's plan recorded in this store (None: rows come through ``append``)."""
+        return self._progress.get("tasks")
+
+    def task_plan(self, batches_per_task: int) -> dict:
+        """Record (first call) or return (a resumed run) the plan of a distributed producer: the rows before
+        ``base`` are this writer's own staged prefix (an earlier single-process run), the rest come from tasks
+        of ``batches_per_task`` batches each, whose numbering depends on this plan (so a resume keeps it)."""
+        plan = self._progress.get("tasks")
+        if plan is None:
+            self._stager.flush()
+            plan = {"base": self.rows_staged, "batches_per_task": int(batches_per_task), "files": None}
+            self._progress["tasks"] = plan
+            self._commit()
+        return plan
+
+    def adopt_tasks(self, manifests: list[dict]) -> None:
+        """Take the committed tasks' files as staged rows, in stream order; they must cover the stream from the
+        plan's ``base`` on, without a gap or an overlap. Idempotent (a rerun adopts the same manifests)."""
+        plan, at = self._progress["tasks"], self._progress["tasks"]["base"]
+        ordered = sorted((TaskManifest(**m) for m in manifests), key=lambda m: m.row_start)
+        for m in ordered:
+            if m.row_start != at:
+                raise StoreError(f"{self.loc.url}: staged task {m.task} starts at row {m.row_start}, expected "
+                                 f"{at}; rerun the same command to stage the missing rows")
+            at += m.n_rows
+        plan["files"] = [f for m in ordered for f in m.files]
+        self._progress["rows_staged"] = at
+        self._commit()
 
     def _start_writing(self) -> None:
         n_rows = self._progress["rows_staged"]

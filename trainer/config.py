@@ -16,6 +16,8 @@ from saeforge.trainer.errors import ConfigError
 Arch = Literal["baseline", "gated"]
 Regime = Literal["paper", "anthropic"]
 LossScaling = Literal["paper", "per_dim", "sum"]
+TRACKERS = ("wandb", "tensorboard")
+"""The experiment trackers `TrainConfig.log_to` may name (`trainer/loggers.py`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,6 +187,17 @@ class TrainConfig:
     log_every: int = 100
     """Steps between metrics.jsonl lines (and progress-bar updates)."""
 
+    log_to: tuple[str, ...] = ()
+    """Experiment trackers that also get every metrics.jsonl row (same values, same steps), one tracker run per SAE
+    with its run's config: `wandb`, `tensorboard` or both (extras `saeforge[wandb]`, `saeforge[tensorboard]`)."""
+
+    wandb_project: str = "saeforge"
+    """wandb project of the runs (`log_to` wandb); a sweep's runs share the sweep directory's name as their group."""
+
+    log_dir: str | None = None
+    """TensorBoard event folders, one per SAE named as its run directory, go under this folder (None: `tensorboard/`
+    inside each run directory); wandb's local files go here too (None: wandb's own default, WANDB_DIR or ./wandb)."""
+
     checkpoint_every: int = 5000
     """Steps between checkpoints (also written at the end); 0: only at the end."""
 
@@ -218,6 +231,9 @@ class TrainConfig:
             problems.append(f"loss_scaling must be paper, per_dim or sum, got {self.loss_scaling!r}")
         if self.autocast not in ("auto", "none", "bf16"):
             problems.append(f"autocast must be 'auto', 'none' or 'bf16', got {self.autocast!r}")
+        bad_trackers = [t for t in self.log_to if t not in TRACKERS]
+        if isinstance(self.log_to, str) or bad_trackers:
+            problems.append(f"log_to must list trackers among {', '.join(TRACKERS)}, got {bad_trackers or self.log_to!r}")
         if self.dead_window is not None and self.dead_window < 1:
             problems.append(f"dead_window must be >= 1, got {self.dead_window!r}")
         if problems:

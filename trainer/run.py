@@ -19,12 +19,14 @@ from saeforge.trainer.checkpoint import checkpoint_record, checkpoint_steps, loa
 from saeforge.trainer.config import SAEConfig, TrainConfig, config_dict
 from saeforge.trainer.device import resolve_device
 from saeforge.trainer.errors import ConfigError, NonFinite, ResumeMismatch, RunExists
+from saeforge.trainer.loggers import TRACKER_FIELDS, JsonlSink, check_trackers, close_sinks, open_sinks
 from saeforge.trainer.loop import FitEvents, SweepTrainer, fit
 from saeforge.trainer.normaliser import Normaliser
 from saeforge.trainer.saelens_files import save_sae
 
 # TrainConfig fields a resumed run may change (they do not alter what is trained).
-RESUMABLE = {"steps", "log_every", "checkpoint_every", "device", "loader_threads", "compile", "stack_mib"}
+RESUMABLE = {"steps", "log_every", "checkpoint_every", "device", "loader_threads", "compile", "stack_mib",
+             *TRACKER_FIELDS}
 
 
 def run_dirs_for(out: Path, saes: list[SAEConfig], sweep: bool) -> list[Path]:
@@ -123,6 +125,8 @@ class _Run(FitEvents):
                  loader, progress: bool):
         self.trainer, self.run_dirs, self.records, self.store_infos = trainer, run_dirs, records, store_infos
         self.loader = loader
+        self.sinks = [JsonlSink(d) for d in run_dirs]
+        """Where each SAE's metrics rows go (trainer/loggers.py); `_train` adds the trackers."""
         self.last: list[dict] = []
         self.saved_step: int | None = None
         """The step of the checkpoint on disk (None: none yet)."""
@@ -133,8 +137,8 @@ class _Run(FitEvents):
         return self.loader.counters.wait_s
 
     def on_log(self, rows: list[dict]) -> None:
-        for run_dir, row in zip(self.run_dirs, rows):
-            rundir.append_metrics(run_dir, [row])
+        for sink, row in zip(self.sinks, rows):
+            sink.log(row)
         self.last = rows
         self.bar.update(self.trainer.step - self.bar.n)
         if rows:
@@ -143,7 +147,7 @@ class _Run(FitEvents):
 
     def on_resample(self, done: dict[int, int]) -> None:
         for i, n in done.items():
-            rundir.append_metrics(self.run_dirs[i], [{"step": self.trainer.step, "event": "resample", "features": n}])
+            self.sinks[i].log({"step": self.trainer.step, "event": "resample", "features": n})
 
     def on_checkpoint(self) -> None:
         """Save every run, or none when any weights are not finite (the last good checkpoint stays)."""
@@ -210,6 +214,7 @@ def train_from_store(store: str | Path, saes: list[SAEConfig], train: TrainConfi
     from saeforge.stores import StoreLoader
 
     out = guards.check_out(out)
+    check_trackers(train.log_to)
     run_dirs = run_dirs_for(out, saes, sweep)
     device = resolve_device(train.device)
     st, sae_hooks, norms = _open_checked(store, saes, train)
@@ -237,22 +242,25 @@ def train_from_store(store: str | Path, saes: list[SAEConfig], train: TrainConfi
     _start(loader, trainer, run_dirs, state, sweep_record)
     run = _Run(trainer, run_dirs, records, [rundir.store_info(st, h) for h in sae_hooks], loader, progress)
     run.saved_step = trainer.step if state == "resume" else None
-    _train(run, loader, state)
+    _train(run, loader, state, group=out.name if sweep else None)
     return summary(run.last or [rundir.last_metrics(d) for d in run_dirs], round(run.wait_s(), 3))
 
 
-def _train(run: _Run, loader, state: str) -> None:
-    """Run `fit` on the loader's batches (it refuses non-finite rows). A store error or NonFinite leaves with one
-    message that names the step and what the run directories kept."""
+def _train(run: _Run, loader, state: str, group: str | None = None) -> None:
+    """Run `fit` on the loader's batches (it refuses non-finite rows), logging to metrics.jsonl and the trackers
+    (opened once the run directories hold a checkpoint; `group`: a sweep's name). A store error or NonFinite leaves
+    with one message that names the step and what the run directories kept."""
     trainer, steps = run.trainer, run.trainer.train.steps
-    batches = iter(loader)
+    batches, ok = iter(loader), False
     try:
         if state == "new":
             run.on_checkpoint()  # step 0: the directory holds a resumable run from the start
         elif trainer.step >= steps:  # stopped between its last checkpoint and its last weights
             for i in range(len(run.run_dirs)):
                 run.save_weights(i)
+        run.sinks = open_sinks(trainer.train, run.run_dirs, run.records, step=trainer.step, group=group)
         fit(trainer, map(trainer.prepare, batches), steps=steps, events=run)
+        ok = True
     except (NonFinite, StoreError) as exc:
         where = "" if isinstance(exc, NonFinite) else f"stopped before step {trainer.step + 1}: "
         exc.args = (f"{where}{exc}; {run.kept()}",)
@@ -260,6 +268,7 @@ def _train(run: _Run, loader, state: str) -> None:
     finally:
         batches.close()
         run.bar.close()
+        close_sinks(run.sinks, ok)
 
 
 def _open_checked(store, saes: list[SAEConfig], train: TrainConfig) -> tuple[Any, list[str], dict[str, Normaliser]]:

@@ -69,6 +69,14 @@ class HarvestConfig:
     text_column: str = "text"
     """Column holding the text (jsonl, parquet, HF datasets)."""
 
+    data_files: tuple[str, ...] | None = None
+    """Files of an HF datasets name, passed to ``datasets.load_dataset(..., data_files=)``: paths, globs or URLs
+    (e.g. dataset ``parquet`` with local parquet files). Recorded in the store's provenance."""
+
+    token_column: str | None = None
+    """Column of pre-tokenised token ids, used as stored with no tokenizer pass (the ids must fit the model's
+    vocabulary); unset: ``input_ids``, then ``tokens``, when the dataset has one and no ``text_column``."""
+
     context_size: int = 128
     """Tokens per window (BOS included); at most the model's n_ctx."""
 
@@ -197,7 +205,8 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     done = completed_result(cfg)
     if done is not None:
         return done
-    record = describe_dataset(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
+    record = describe_dataset(cfg.dataset, split=cfg.split, text_column=cfg.text_column, data_files=cfg.data_files,
+                              token_column=cfg.token_column)
     lm = lm or load_lm(cfg.model, device=cfg.device, dtype=cfg.lm_dtype)
     hooks = resolve_hooks(lm, hooks=list(cfg.hooks), layers=list(cfg.layers), sites=list(cfg.sites))
     if cfg.context_size > lm.info["n_ctx"]:

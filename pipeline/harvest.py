@@ -107,13 +107,33 @@ class HarvestConfig:
     queue_batches: int = 4
     """Batches in flight between the LM and the writer thread (bounds host memory)."""
 
+    workers: int = 0
+    """Harvest on a local dask cluster of this many worker processes, each loading the LM once (0: in this
+    process). On a machine with several GPUs give one worker per GPU (``pipeline/distributed.py``)."""
+
+    scheduler: str = ""
+    """Address of a running dask scheduler (``tcp://host:8786``) whose workers harvest (instead of ``workers``)."""
+
+    task_batches: int = 16
+    """Distributed harvest: forward-pass batches per dask task (the unit a worker stages, commits and retries).
+    A resumed harvest keeps the value it started with."""
+
+    finalize_workers: int = 0
+    """Workers of the second shuffle pass, which writes the store's shards in parallel (0: the machine's cores;
+    a distributed harvest runs it on the dask workers)."""
+
     def __post_init__(self):
         problems = [p for p in (context_size_problem(self.context_size), heldout_every_problem(self.heldout_every))
                     if p[1]]
         problems += [(name, "must not be empty") for name in ("out", "model", "dataset", "split", "text_column",
                                                               "device") if getattr(self, name) == ""]
         problems += [(name, f"must be >= 1, got {getattr(self, name)!r}")
-                     for name in ("tokens", "batch_size", "queue_batches", "writer_memory_bytes") if getattr(self, name) < 1]
+                     for name in ("tokens", "batch_size", "queue_batches", "writer_memory_bytes", "task_batches")
+                     if getattr(self, name) < 1]
+        problems += [(name, f"must be >= 0, got {getattr(self, name)!r}")
+                     for name in ("workers", "finalize_workers") if getattr(self, name) < 0]
+        if self.workers and self.scheduler:
+            problems.append(("workers", "give workers (a local cluster) or scheduler (an existing one), not both"))
         if not 0 <= self.seed < 1 << 63:
             problems.append(("seed", f"must be in [0, 2**63), got {self.seed!r}"))
         if any(layer < 0 for layer in self.layers):
@@ -197,6 +217,12 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     from saeforge.stores import open_store, write_run_record
     from saeforge.trainer.device import resolve_dtype
 
+    if cfg.workers or cfg.scheduler:
+        if lm is not None:
+            raise ConfigError.of([("workers", "a distributed harvest loads the model on its workers: pass no lm")])
+        from saeforge.pipeline.distributed import harvest_distributed
+
+        return harvest_distributed(cfg, progress=progress)
     t0 = time.perf_counter()
     if lm is not None and cfg.lm_dtype == "auto":
         cfg = replace(cfg, lm_dtype=lm.dtype)  # a model handed in computes in its own dtype
@@ -205,25 +231,21 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     done = completed_result(cfg)
     if done is not None:
         return done
-    record = describe_dataset(cfg.dataset, split=cfg.split, text_column=cfg.text_column, data_files=cfg.data_files,
-                              token_column=cfg.token_column)
+    record = dataset_record(cfg)
     lm = lm or load_lm(cfg.model, device=cfg.device, dtype=cfg.lm_dtype)
     hooks = resolve_hooks(lm, hooks=list(cfg.hooks), layers=list(cfg.layers), sites=list(cfg.sites))
     if cfg.context_size > lm.info["n_ctx"]:
         raise HarvestError(f"context size {cfg.context_size} exceeds the model's maximum {lm.info['n_ctx']}")
     prov = harvest_provenance(cfg, lm, hooks, record)
     if check_resumable(cfg.out, prov):  # complete, same provenance, no record yet: write it, run nothing
-        store = open_store(cfg.out)
-        result = HarvestResult(store=store.path, rows=store.n_rows, rows_resumed=store.n_rows, forward_passes=0,
-                               tokens_forwarded=0, lm_s=0.0, write_s=0.0, wall_s=time.perf_counter() - t0,
-                               bytes_per_hook={h: int(store.group[h].nbytes_stored()) for h in store.hooks},
-                               hooks=hooks, config=asdict(cfg))
-        write_run_record(store, HARVEST_RECORD, result.to_json())
-        return result
+        return record_complete(cfg, hooks, t0)
     check_rows_available(prov.text, lm.tokenizer, cfg.tokens, cfg.batch_size)
     dims = hook_dims(lm, hooks)
     writer = open_writer(cfg, dims, prov, progress)
     with writer as w:
+        if w.task_plan_state is not None:
+            raise HarvestError(f"{cfg.out} is being written by a distributed harvest; resume it with the same "
+                               "--workers N or --scheduler ADDRESS")
         skip = w.rows_staged
         bar = progress_bar(cfg.tokens, desc="harvest", unit="tok", enabled=progress, initial=skip, unit_scale=True,
                            smoothing=0.1)
@@ -248,6 +270,25 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     return result
 
 
+def record_complete(cfg: HarvestConfig, hooks: list[str], t0: float) -> HarvestResult:
+    """A store completed by a run killed before its run record (``check_resumable``): write the record only."""
+    from saeforge.stores import open_store, write_run_record
+
+    store = open_store(cfg.out)
+    result = HarvestResult(store=store.path, rows=store.n_rows, rows_resumed=store.n_rows, forward_passes=0,
+                           tokens_forwarded=0, lm_s=0.0, write_s=0.0, wall_s=time.perf_counter() - t0,
+                           bytes_per_hook={h: int(store.group[h].nbytes_stored()) for h in store.hooks},
+                           hooks=hooks, config=asdict(cfg))
+    write_run_record(store, HARVEST_RECORD, result.to_json())
+    return result
+
+
+def dataset_record(cfg: HarvestConfig) -> dict:
+    """What the store records about its text source (``data.describe_dataset``), from the config."""
+    return describe_dataset(cfg.dataset, split=cfg.split, text_column=cfg.text_column, data_files=cfg.data_files,
+                            token_column=cfg.token_column)
+
+
 def open_writer(cfg: HarvestConfig, dims: dict[str, int], prov: Provenance, progress: bool):
     """The store's writer; a memory bound too small for these hooks' rows is named as the option that sets it."""
     from saeforge.stores import InvalidInput, StoreWriter
@@ -267,7 +308,8 @@ HARVEST_RECORD = "harvest"
 """The store's run record of what harvest measured (``stores.records``: inside the store, where plain zarr does
 not warn about it; stores written before it keep a ``harvest.json`` beside the arrays, read the same way)."""
 # Config fields that do not change what a store holds (a rerun that differs only in these is the same harvest).
-NOT_CONTENT = {"out", "writer_memory_bytes", "queue_batches", "device", "hooks", "layers", "sites"}
+NOT_CONTENT = {"out", "writer_memory_bytes", "queue_batches", "device", "hooks", "layers", "sites", "workers",
+               "scheduler", "task_batches", "finalize_workers"}
 
 
 def requested_hooks(cfg: HarvestConfig) -> list[str]:

@@ -22,7 +22,9 @@ from saeforge.pipeline.cli_harvest import harvest  # noqa: E402
 main.add_command(harvest)
 
 from saeforge.stores.cli import store  # noqa: E402
+from saeforge.pipeline.import_saelens import import_saelens_command  # noqa: E402
 
+store.add_command(import_saelens_command)  # `saeforge store import-saelens`: pipeline reads the cache (datasets)
 main.add_command(store)
 from saeforge.pipeline.cli_eval import eval_cmd, plot  # noqa: E402
 main.add_command(eval_cmd, name="eval"); main.add_command(plot)

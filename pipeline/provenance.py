@@ -60,7 +60,7 @@ class TextProvenance:
     """The tokenizer's special-token ids (BOS, EOS, pad, ...)."""
 
     doc_separator: int | None = None
-    """Token id between documents in the stream (the tokenizer's EOS)."""
+    """Token id between documents in the stream (the tokenizer's EOS; None for pre-tokenised ids, used as stored)."""
 
     bos_token_id: int | None = None
     """The tokenizer's BOS id (the first id of every window when ``rules.prepend_bos``)."""
@@ -69,8 +69,9 @@ class TextProvenance:
     def build(cls, record: dict, tokenizer, rules: WindowRules,
               special_rule: SpecialTokenRule = "exclude") -> TextProvenance:
         """The text provenance of ``record`` cut by ``rules`` with ``tokenizer``."""
+        separator = None if record.get("pretokenized") else tokenizer.eos_token_id  # ids as stored: none added
         return cls(dataset=record, rules=rules, special_token_rule=special_rule,
-                   special_token_ids=special_token_ids(tokenizer), doc_separator=tokenizer.eos_token_id,
+                   special_token_ids=special_token_ids(tokenizer), doc_separator=separator,
                    bos_token_id=tokenizer.bos_token_id)
 
     def to_json(self) -> dict[str, Any]:
@@ -82,6 +83,10 @@ class TextProvenance:
     @classmethod
     def from_json(cls, d: dict, where: str = "provenance") -> TextProvenance:
         """Read back what :meth:`to_json` wrote (ProvenanceError naming ``where`` and what is missing)."""
+        if d.get("imported_from"):  # `saeforge store import-saelens`: activations without saeforge's text rules
+            raise ProvenanceError(f"{where} was imported from a {d['imported_from']}: it has no held-out text, so "
+                                  "its text cannot be regenerated (evaluate SAEs trained on it where their LM "
+                                  "ran, or harvest a store with saeforge)")
         try:
             rules = WindowRules(context_size=int(d["context_size"]), prepend_bos=bool(d["prepend_bos"]),
                                 heldout_every=int(d["heldout"]["every"]))

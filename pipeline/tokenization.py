@@ -4,7 +4,8 @@ Each document is tokenised without special tokens and followed by the tokenizer'
 separator); a long document is tokenised as pieces cut at line boundaries where that leaves the ids
 unchanged (:func:`split_document`, :func:`can_split`), in batches, so a fast tokenizer works in parallel
 even on a one-file corpus. :class:`TokenCache` keeps the concatenated stream of a finite dataset on disk,
-so it is tokenised once; :mod:`saeforge.pipeline.windows` cuts windows from it. Documents come from
+so it is tokenised once; :mod:`saeforge.pipeline.windows` cuts windows from it. A pre-tokenised source skips
+all of this: :func:`pretokenized_stream` checks its ids against the vocabulary and passes them on. Documents come from
 :mod:`saeforge.pipeline.data` (this module imports it, never the other way round).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from saeforge.pipeline.data import cache_dir, dataset_identity, iter_documents
+from saeforge.pipeline.errors import DatasetError
 from saeforge.stores.files import atomic_path, temp_file_pid
 from saeforge.stores.lock import pid_alive
 
@@ -104,6 +106,25 @@ def token_stream(documents: Iterator[str], tokenizer) -> Iterator[np.ndarray]:
     if pieces:
         yield from flush()
 
+
+def pretokenized_stream(rows: Iterator[np.ndarray], tokenizer, *, drop_bos: int | None, where: str
+                        ) -> Iterator[np.ndarray]:
+    """The stream of a pre-tokenised source (``data.ROW_RULE``): each non-empty row as stored, minus a leading
+    ``drop_bos`` (the BOS every window gets anyway), int64. No tokenizer pass; every id must lie in the
+    tokenizer's vocabulary (DatasetError naming the row and the id otherwise: ids made by another tokenizer)."""
+    vocab = len(tokenizer)
+    for n, ids in enumerate(rows):
+        if drop_bos is not None and len(ids) and ids[0] == drop_bos:
+            ids = ids[1:]
+        if not len(ids):
+            continue
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if len(bad):
+            raise DatasetError(f"dataset {where!r}: row {n} holds token id {int(bad[0])}, outside the model's "
+                               f"vocabulary (0..{vocab - 1}): were these ids made by another tokenizer?")
+        yield ids
+
+
 # ---------------------------------------------------------------- the token cache
 
 
@@ -137,8 +158,10 @@ class TokenCache:
 
     @classmethod
     def open(cls, record: dict, tokenizer) -> "TokenCache | None":
-        """The cache of a finite dataset (None for a streamed one or a tokenizer without a digest)."""
-        ident = None if record["kind"] == "hf" else dataset_identity(record)  # streamed: no cache
+        """The cache of a finite text dataset (None for a streamed one, a pre-tokenised one, whose ids are read as
+        stored, or a tokenizer without a digest)."""
+        streamed_or_ids = record["kind"] == "hf" or record.get("pretokenized")
+        ident = None if streamed_or_ids else dataset_identity(record)
         digest = tokenizer_digest(tokenizer)
         if ident is None or digest is None:
             return None

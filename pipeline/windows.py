@@ -3,9 +3,11 @@
 The stream: documents in a fixed order (:func:`saeforge.pipeline.data.iter_documents`), each tokenised
 without special tokens and followed by the tokenizer's EOS (the document separator,
 :func:`saeforge.pipeline.tokenization.token_stream`), concatenated and cut into windows of ``context_size``
-token ids, each starting with BOS when ``prepend_bos``. Window ``i`` is HELD OUT when
-``i % heldout_every == heldout_every - 1``: harvest never stores it, evaluation draws from it
-(:func:`heldout_windows`). Every rule is recorded in the store's provenance
+token ids, each starting with BOS when ``prepend_bos``. A pre-tokenised source's rows are the stream as stored
+(:func:`token_chunks`: no tokenizer, no EOS; a row's leading BOS is dropped when windows start with BOS, so rows
+of ``context_size`` ids that begin with BOS, SAELens's pretokenised layout, are exactly the windows).
+Window ``i`` is HELD OUT when ``i % heldout_every == heldout_every - 1``: harvest never stores it, evaluation
+draws from it (:func:`heldout_windows`). Every rule is recorded in the store's provenance
 (:class:`saeforge.pipeline.provenance.TextProvenance`), so evaluation regenerates exactly the same windows
 from the provenance alone.
 
@@ -21,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from saeforge.pipeline import tokenization
-from saeforge.pipeline.data import iter_documents
+from saeforge.pipeline.data import iter_documents, iter_token_rows
 from saeforge.pipeline.errors import ConfigError, DatasetError
 
 
@@ -92,6 +94,16 @@ def pack_windows(chunks: Iterator[np.ndarray], rules: WindowRules, bos_id: int |
         buf, n = [flat[cut:]], len(flat) - cut
 
 
+def token_chunks(record: dict, tokenizer, rules: WindowRules) -> Iterator[np.ndarray]:
+    """The stream of a source, one int64 array per document (text: tokenised, EOS after each) or per row
+    (pre-tokenised: as stored, a leading BOS dropped when ``rules.prepend_bos`` puts one first anyway)."""
+    if record.get("pretokenized"):
+        drop = tokenizer.bos_token_id if rules.prepend_bos else None
+        return tokenization.pretokenized_stream(iter_token_rows(record), tokenizer, drop_bos=drop,
+                                                where=record["spec"])
+    return tokenization.token_stream(iter_documents(record), tokenizer)
+
+
 def window_blocks(record: dict, tokenizer, rules: WindowRules, block: int = 512
                   ) -> Iterator[tuple[int, np.ndarray]]:
     """(first_window_index, windows int64 (k, context_size)) over the whole stream, held-out windows included.
@@ -103,7 +115,7 @@ def window_blocks(record: dict, tokenizer, rules: WindowRules, block: int = 512
     _check_bos(rules, bos)
     cache = tokenization.TokenCache.open(record, tokenizer)
     if cache is None:
-        windows = pack_windows(tokenization.token_stream(iter_documents(record), tokenizer), rules, bos)
+        windows = pack_windows(token_chunks(record, tokenizer, rules), rules, bos)
         i = 0
         while chunk := list(itertools.islice(windows, block)):
             yield i, np.stack(chunk)

@@ -55,17 +55,20 @@ def demo(out, config_file, quiet, **flags):
     (loss recovered with paired-bootstrap intervals, L0, γ, ...), plot, and write OUT/report.md.
 
     Rerunning is safe: each stage skips what is complete and resumes what was interrupted. Prints one line
-    per stage with its wall time; OUT/demo.json records them. OUT defaults to the --config file's top-level
-    `out`, else ./demo; every option is also a key of the file's [demo] table.
+    per stage with its wall time; OUT/demo.json records them. OUT (a local directory: the demo's store lives in
+    it) defaults to the --config file's top-level `out`, else ./demo; every option is also a key of the file's
+    [demo] table.
 
         saeforge demo            # into ./demo
     """
     from saeforge.pipeline.demo import run_demo
     from saeforge.pipeline.errors import domain_errors
+    from saeforge.pipeline.paths import check_output_dir
 
     file, cfg = stage_config(DemoConfig, "demo", config_file, flags)
     out = out if out is not None else file.out if file.out is not None else "demo"  # "" is refused, not "demo"
     try:
+        check_output_dir(out, "OUT", holds="the demo folder (its store, runs and report) is")
         record = run_demo(out, preset=cfg.preset, dtype=cfg.dtype, device=cfg.device, model=cfg.model,
                           dataset=cfg.dataset, progress=not quiet)
     except domain_errors() as e:

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from saeforge.pipeline.cli_common import one_line, stage_config
-from saeforge.trainer.options import CONFIG_HELP, table_options, with_options
+from saeforge.trainer.options import CONFIG_HELP, STORAGE_OPTIONS, table_options, with_options
 
 
 def _summary(rec: dict) -> dict:
@@ -29,10 +29,12 @@ def _summary(rec: dict) -> dict:
     click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help=CONFIG_HELP),
     click.option("--store", default=None,
                  help="Evaluate every run on this store's held-out text (it must hold the run's hook, harvested "
-                      "from the same text and rules) [each run's training store, or its cfg.json when gone]."),
+                      "from the same text and rules; a path or URL) [each run's training store, or its cfg.json "
+                      "when gone]."),
+    STORAGE_OPTIONS,
     click.option("--force", is_flag=True, help="Evaluate again even runs whose eval.json is up to date."),
     click.option("--quiet", is_flag=True, help="No progress bars.")])
-def eval_cmd(runs, config_file, store, force, quiet, **flags):
+def eval_cmd(runs, config_file, store, storage_options, force, quiet, **flags):
     """Evaluate SAE run directories by splicing their reconstructions into the LM.
 
     On the held-out text of each run's training store (same context size and special-token rules), reports
@@ -46,7 +48,8 @@ def eval_cmd(runs, config_file, store, force, quiet, **flags):
     is reported as up to date (its summary is read back from eval.json; no LM is loaded when every run is).
 
     Every option is also a key of the --config file's [eval] table. Without RUNS, eval takes the runs of the
-    file's top-level `out` (every run of a sweep directory, or the one run directory).
+    file's top-level `out` (every run of a sweep directory, or the one run directory). A store at a URL is read
+    with --storage-options (the file's top-level `storage_options`); run directories are local.
 
         saeforge eval runs/sweep1/* --tokens 262144
     """
@@ -58,11 +61,24 @@ def eval_cmd(runs, config_file, store, force, quiet, **flags):
 
         hf_logging.disable_progress_bar()  # its "Loading weights" bar too
     file, cfg = stage_config(EvalConfig, "eval", config_file, flags)
+    run_dirs = _local_runs(runs, file)
+    options = file.storage_options if storage_options is None else storage_options
     try:
-        records = evaluate_runs(list(runs) or _runs_in(file.out), cfg, progress=not quiet, force=force, store=store)
+        records = evaluate_runs(run_dirs, cfg, progress=not quiet, force=force, store=store, storage_options=options)
     except domain_errors() as e:
         raise one_line(e) from None
     click.echo(json.dumps([_summary(r) for r in records], indent=2))
+
+
+def _local_runs(runs: tuple, file) -> list:
+    """RUNS, or the runs of the config file's `out`; a URL among them is refused (eval.json is written beside each
+    run's weights, in a local directory)."""
+    from saeforge.stores.files import is_url, local_dir_problem
+
+    for run, what in [(r, "RUN") for r in runs] or [(file.out, f"{file.path}: out")]:
+        if run and is_url(str(run)):
+            raise click.ClickException(local_dir_problem(str(run), what, "run directories (and their eval.json) are"))
+    return list(runs) or _runs_in(file.out)
 
 
 def _runs_in(out: str | None) -> list[Path]:

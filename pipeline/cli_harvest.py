@@ -28,9 +28,12 @@ def harvest(config_file, writer_memory_mb, as_json, quiet, **flags):
     the same command: it resumes without recomputing what was staged; on a complete store it does nothing.
 
     Every option is also a key of the --config file's [harvest] table, lists as TOML lists (`layers = [10]`),
-    except --out: the file's top-level `store` is the store harvest writes. Example:
+    except --out and --storage-options: the file's top-level `store` is the store harvest writes, its top-level
+    `storage_options` table that store's fsspec options. The store may live at a URL (its bucket must exist).
+    Examples:
 
         saeforge harvest --layers 10 --sites resid_post,mlp_out --tokens 1000000 --out stores/l10
+        saeforge harvest --layers 10 --sites resid_post --out s3://bucket/l10 --storage-options '{"profile": "lab"}'
     """
     from saeforge.pipeline.errors import ConfigError, domain_errors
     from saeforge.pipeline.harvest import HarvestConfig
@@ -44,6 +47,8 @@ def harvest(config_file, writer_memory_mb, as_json, quiet, **flags):
     flags = given(flags, "harvest")
     values = {**file.get("harvest"), **flags}
     out = values.setdefault("out", file.store)
+    if file.storage_options is not None:
+        values.setdefault("storage_options", file.storage_options)
     if out is None:
         raise click.ClickException("no store path given: pass --out PATH or set the top-level `store` in the config "
                                    "file")
@@ -62,10 +67,24 @@ def harvest(config_file, writer_memory_mb, as_json, quiet, **flags):
         raise one_line(e) from None
     except KeyboardInterrupt:
         raise click.ClickException(f"interrupted: {out} is incomplete; rerun the same command to resume") from None
+    except Exception as e:  # noqa: BLE001 - a store at a URL whose filesystem failed (endpoint, access): one line
+        raise one_line(_remote_failure(out, e)) from None
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=1))
     else:
         click.echo(summary(result))
+
+
+def _remote_failure(out: str, exc: Exception):
+    """The store's remote filesystem failing while harvest wrote it, as the StoreError that says what to do (what
+    was committed stays: rerunning resumes); anything else is raised again, a bug with its traceback."""
+    from saeforge.stores.files import is_url
+    from saeforge.stores.remote import remote_error
+
+    err = remote_error(out, exc, writing=True) if is_url(out) else None
+    if err is None:
+        raise exc
+    return err
 
 
 def summary(r) -> str:

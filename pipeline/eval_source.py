@@ -97,8 +97,10 @@ def _check_same_store(info, source: EvalSource, recorded) -> None:
                         "or pass --store with a store of the same text and hook")
 
 
-def _source_of(info, store_override: str | None, opened: dict) -> tuple[str, EvalSource]:
-    """(group key, source) of one run; ``opened`` memoises stores by path."""
+def _source_of(info, store_override: str | None, opened: dict,
+               storage_options: dict | None = None) -> tuple[str, EvalSource]:
+    """(group key, source) of one run; ``opened`` memoises stores by path; a store at a URL is opened with
+    ``storage_options``."""
     from saeforge.stores import StoreNotFound, open_store
     from saeforge.trainer.rundir import read_store_info
 
@@ -110,7 +112,7 @@ def _source_of(info, store_override: str | None, opened: dict) -> tuple[str, Eva
     if path is not None:
         try:
             if path not in opened:
-                opened[path] = _from_store(path, open_store(path))
+                opened[path] = _from_store(path, open_store(path, storage_options))
             if store_override:
                 _check_text(info, opened[path], recorded)
             else:
@@ -124,12 +126,14 @@ def _source_of(info, store_override: str | None, opened: dict) -> tuple[str, Eva
     return "cfg:" + json.dumps(recorded.provenance, sort_keys=True), source
 
 
-def group_runs(runs, store_override: str | None = None) -> list[tuple[EvalSource, list]]:
-    """[(source, [(sae, info), ...])] in the order runs are first seen; a group shares one source."""
+def group_runs(runs, store_override: str | None = None,
+               storage_options: dict | None = None) -> list[tuple[EvalSource, list]]:
+    """[(source, [(sae, info), ...])] in the order runs are first seen; a group shares one source. Stores at URLs
+    (``store_override``, or what cfg.json records) are opened with ``storage_options``."""
     opened: dict = {}
     groups: dict[str, tuple[EvalSource, list]] = {}
     for sae, info in runs:
-        key, source = _source_of(info, store_override, opened)
+        key, source = _source_of(info, store_override, opened, storage_options)
         if key not in groups:
             groups[key] = (source, [])
         else:  # same recorded provenance: merge the hooks each run brings

@@ -282,13 +282,14 @@ def _evaluate_group(source: EvalSource, runs, cfg: EvalConfig, lms: dict, progre
 
 
 def evaluate_runs(run_dirs: Iterable[str | Path], cfg: EvalConfig | None = None, *, progress: bool = True,
-                  force: bool = False, store: str | None = None) -> list[dict]:
+                  force: bool = False, store: str | None = None, storage_options: dict | None = None) -> list[dict]:
     """Evaluate SAE run directories on their stores' held-out text; writes eval.json into each; returns them
     in the order given.
 
     `store`: evaluate every run against this store (it must hold each run's hook and the text the run was
     trained on) instead of its training store; without it a run's training store is used while it exists,
-    else what its cfg.json records (`saeforge.pipeline.eval_source`).
+    else what its cfg.json records (`saeforge.pipeline.eval_source`). A store at an fsspec URL is opened with
+    `storage_options` (credentials, endpoint; not recorded in eval.json); run directories are local.
 
     Runs are grouped by store: per store, the LM (from its provenance, or `cfg.model`) runs once per batch up
     to the hooks, and every SAE of every hook shares that prefix. A run whose eval.json is up to date
@@ -300,12 +301,12 @@ def evaluate_runs(run_dirs: Iterable[str | Path], cfg: EvalConfig | None = None,
     if store is not None and not str(store).strip():
         raise EvalError("--store is empty: give a store path or URL, or leave --store out")
     if cfg.cache_dir is not None:  # as given: Path() would turn a URL's "://" into ":/"
-        check_output_dir(cfg.cache_dir, "--cache-dir")
+        check_output_dir(cfg.cache_dir, "--cache-dir", holds="the CE cache is")
     else:
         check_output_dir(F.cache_root(None), f"the CE cache {F.cache_root(None)} (set it with --cache-dir)")
     runs = _load_runs(run_dirs)
     lms: dict = {}
     records: dict[str, dict] = {}
-    for source, group in group_runs(runs, store):
+    for source, group in group_runs(runs, store, storage_options):
         records.update(_evaluate_group(source, group, cfg, lms, progress, force))
     return [{**records[str(info.run_dir)], "run_dir": str(info.run_dir)} for _, info in runs]

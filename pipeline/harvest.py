@@ -41,6 +41,10 @@ class HarvestConfig:
     out: str
     """Store path or fsspec URL. Rerunning with the same config resumes an interrupted store there."""
 
+    storage_options: dict | None = None
+    """Options of the fsspec filesystem when ``out`` is a URL (credentials, endpoint): one JSON object on the
+    command line, the top-level ``storage_options`` table in a config file. Never recorded in the store."""
+
     model: str = "smollm2-135m"
     """Model spec for ``load_lm``: ``smollm2-135m`` (offline), HF name, local HF directory or .gguf path."""
 
@@ -136,6 +140,8 @@ class HarvestConfig:
             problems.append(("workers", "give workers (a local cluster) or scheduler (an existing one), not both"))
         if not 0 <= self.seed < 1 << 63:
             problems.append(("seed", f"must be in [0, 2**63), got {self.seed!r}"))
+        if not isinstance(self.storage_options, (dict, type(None))):
+            problems.append(("storage_options", f"must be a dict of fsspec options, got {self.storage_options!r}"))
         if any(layer < 0 for layer in self.layers):
             problems.append(("layers", f"must be >= 0, got {list(self.layers)}"))
         choices = {"lm_dtype": ("auto", "float32", "bfloat16", "float16"), "store_dtype": ("float32", "float16",
@@ -227,7 +233,7 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     if lm is not None and cfg.lm_dtype == "auto":
         cfg = replace(cfg, lm_dtype=lm.dtype)  # a model handed in computes in its own dtype
     cfg = replace(cfg, lm_dtype=resolve_dtype(cfg.lm_dtype, lm.device if lm is not None else cfg.device))
-    check_output_dir(cfg.out, "--out", urls=True)  # fsspec URLs are checked when the writer opens them
+    check_output_dir(cfg.out, "--out", urls=True, storage_options=cfg.storage_options)  # a URL: bucket, credentials
     done = completed_result(cfg)
     if done is not None:
         return done
@@ -237,7 +243,7 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     if cfg.context_size > lm.info["n_ctx"]:
         raise HarvestError(f"context size {cfg.context_size} exceeds the model's maximum {lm.info['n_ctx']}")
     prov = harvest_provenance(cfg, lm, hooks, record)
-    if check_resumable(cfg.out, prov):  # complete, same provenance, no record yet: write it, run nothing
+    if check_resumable(cfg.out, prov, cfg.storage_options):  # complete, same provenance, no record: write it
         return record_complete(cfg, hooks, t0)
     check_rows_available(prov.text, lm.tokenizer, cfg.tokens, cfg.batch_size)
     dims = hook_dims(lm, hooks)
@@ -261,11 +267,11 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
             bar.close()
         t2 = time.perf_counter()
     t3 = time.perf_counter()
-    store = open_store(cfg.out)
+    store = open_store(cfg.out, cfg.storage_options)
     sizes = {h: int(store.group[h].nbytes_stored()) for h in store.hooks}
     result = HarvestResult(store=store.path, rows=store.n_rows, rows_resumed=skip, forward_passes=passes,
                            tokens_forwarded=forwarded, lm_s=t2 - t1, write_s=t3 - t2, wall_s=t3 - t0,
-                           bytes_per_hook=sizes, hooks=hooks, config=asdict(cfg))
+                           bytes_per_hook=sizes, hooks=hooks, config=recorded_config(cfg))
     write_run_record(store, HARVEST_RECORD, result.to_json())
     return result
 
@@ -274,13 +280,18 @@ def record_complete(cfg: HarvestConfig, hooks: list[str], t0: float) -> HarvestR
     """A store completed by a run killed before its run record (``check_resumable``): write the record only."""
     from saeforge.stores import open_store, write_run_record
 
-    store = open_store(cfg.out)
+    store = open_store(cfg.out, cfg.storage_options)
     result = HarvestResult(store=store.path, rows=store.n_rows, rows_resumed=store.n_rows, forward_passes=0,
                            tokens_forwarded=0, lm_s=0.0, write_s=0.0, wall_s=time.perf_counter() - t0,
                            bytes_per_hook={h: int(store.group[h].nbytes_stored()) for h in store.hooks},
-                           hooks=hooks, config=asdict(cfg))
+                           hooks=hooks, config=recorded_config(cfg))
     write_run_record(store, HARVEST_RECORD, result.to_json())
     return result
+
+
+def recorded_config(cfg: HarvestConfig) -> dict:
+    """The config as the store's run record keeps it: without ``storage_options`` (they may hold credentials)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "storage_options"}
 
 
 def dataset_record(cfg: HarvestConfig) -> dict:
@@ -295,7 +306,8 @@ def open_writer(cfg: HarvestConfig, dims: dict[str, int], prov: Provenance, prog
 
     try:
         return StoreWriter(cfg.out, hooks=dims, dtype=cfg.store_dtype, seed=cfg.seed, expected_rows=cfg.tokens,
-                           provenance=prov.to_json(), memory_limit_bytes=cfg.writer_memory_bytes, progress=progress)
+                           provenance=prov.to_json(), memory_limit_bytes=cfg.writer_memory_bytes, progress=progress,
+                           storage_options=cfg.storage_options)
     except InvalidInput as e:
         if "memory_limit_bytes" not in str(e):
             raise
@@ -308,8 +320,8 @@ HARVEST_RECORD = "harvest"
 """The store's run record of what harvest measured (``stores.records``: inside the store, where plain zarr does
 not warn about it; stores written before it keep a ``harvest.json`` beside the arrays, read the same way)."""
 # Config fields that do not change what a store holds (a rerun that differs only in these is the same harvest).
-NOT_CONTENT = {"out", "writer_memory_bytes", "queue_batches", "device", "hooks", "layers", "sites", "workers",
-               "scheduler", "task_batches", "finalize_workers"}
+NOT_CONTENT = {"out", "storage_options", "writer_memory_bytes", "queue_batches", "device", "hooks", "layers", "sites",
+               "workers", "scheduler", "task_batches", "finalize_workers"}
 
 
 def requested_hooks(cfg: HarvestConfig) -> list[str]:
@@ -327,14 +339,14 @@ def completed_result(cfg: HarvestConfig) -> HarvestResult | None:
     from saeforge.stores.reader import read_attrs
 
     try:
-        _, attrs = read_attrs(cfg.out, require_complete=False)
+        _, attrs = read_attrs(cfg.out, require_complete=False, storage_options=cfg.storage_options)
     except StoreNotFound:
         return None
     if not attrs.is_complete:
         return None
 
     try:
-        recorded = read_run_record(open_store(cfg.out), HARVEST_RECORD)
+        recorded = read_run_record(open_store(cfg.out, cfg.storage_options), HARVEST_RECORD)
     except InvalidInput:  # not JSON: compared as a record of nothing
         recorded = None
     fields = set(HarvestResult._fields)
@@ -351,14 +363,14 @@ def completed_result(cfg: HarvestConfig) -> HarvestResult | None:
     return HarvestResult(**{k: v for k, v in recorded.items() if k in fields})
 
 
-def check_resumable(out: str, prov: Provenance) -> bool:
+def check_resumable(out: str, prov: Provenance, storage_options: dict | None = None) -> bool:
     """An existing store at ``out`` must hold the same provenance (HarvestError naming the difference if not);
     True when it is already complete (a harvest killed after its completion record, before its run record)."""
     from saeforge.stores import StoreNotFound
     from saeforge.stores.reader import read_attrs
 
     try:
-        _, attrs = read_attrs(out, require_complete=False)
+        _, attrs = read_attrs(out, require_complete=False, storage_options=storage_options)
     except StoreNotFound:
         return False
     old, new = _flatten(attrs.provenance or {}), _flatten(json.loads(json.dumps(prov.to_json())))

@@ -79,7 +79,7 @@ class ChunkReader:
         if start < 0:
             size = self.loc.fs.size(path)
             start, stop = max(size + start, 0), size
-        return self.loc.fs.cat_file(path, start, stop)
+        return self.loc.fs.cat_file(path, start=start, end=stop)  # by keyword: s3fs takes version_id second
 
     def index(self, shard: int) -> np.ndarray:
         """(chunks per shard, 2) uint64 offsets and sizes, crc32c-checked, cached."""

@@ -1,4 +1,5 @@
-"""``saeforge store``: inspect and verify activation stores."""
+"""``saeforge store``: inspect and verify activation stores; and ``--storage-options``, the one spelling of a
+store's fsspec options on every command line (:class:`JsonObject`)."""
 from __future__ import annotations
 
 import json
@@ -6,17 +7,52 @@ import sys
 
 import click
 
+STORAGE_OPTIONS_EXAMPLE = '\'{"key": "...", "secret": "...", "client_kwargs": {"endpoint_url": "http://host:9000"}}\''
+STORAGE_OPTIONS_HELP = ("Options of the fsspec filesystem of a store at a URL, as one JSON object (credentials, "
+                        f"endpoint), e.g. for s3:// {STORAGE_OPTIONS_EXAMPLE}.")
+
+
+class JsonObject(click.ParamType):
+    """A dict on the command line: one JSON object (``--storage-options '{"anon": true}'``). Anything else is one
+    ``Error:`` line naming the flag and what to write; the value itself is not echoed (it may hold secrets)."""
+
+    name = "json"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, dict):
+            return value
+        flag = param.opts[0] if param is not None and param.opts else "the value"
+        try:
+            parsed = json.loads(value)
+        except ValueError as e:
+            why = f"not valid JSON ({e.msg} at character {e.pos})" if isinstance(e, json.JSONDecodeError) else str(e)
+            raise click.ClickException(f"{flag} is {why}; write one JSON object, e.g. {flag} "
+                                       f"{STORAGE_OPTIONS_EXAMPLE}") from None
+        if not isinstance(parsed, dict):
+            raise click.ClickException(f"{flag} is a JSON {type(parsed).__name__}, not an object; write one JSON "
+                                       f"object, e.g. {flag} {STORAGE_OPTIONS_EXAMPLE}")
+        return parsed
+
+
+def storage_options_option(help_: str = STORAGE_OPTIONS_HELP):
+    return click.option("--storage-options", "storage_options", type=JsonObject(), default=None, help=help_)
+
 
 @click.group()
 def store():
-    """Inspect and verify activation stores (local paths or fsspec URLs)."""
+    """Inspect and verify activation stores (local paths or fsspec URLs).
+
+    A store at a URL is opened with --storage-options (its fsspec filesystem's options), e.g.
+
+        saeforge store verify s3://bucket/acts/l10 --storage-options '{"client_kwargs": {"endpoint_url": "http://localhost:9000"}}'
+    """
 
 
-def _open(path: str):
+def _open(path: str, storage_options: dict | None):
     from saeforge.stores import StoreError, open_store
 
     try:
-        return open_store(path)
+        return open_store(path, storage_options)
     except StoreError as e:
         raise click.ClickException(str(e)) from None
 
@@ -24,9 +60,11 @@ def _open(path: str):
 @store.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print every attribute as JSON instead of a summary.")
-def info(path, as_json):
-    """Summarise the store at PATH: rows, hooks, dtype, layout, statistics, provenance."""
-    s = _open(path)
+@storage_options_option()
+def info(path, as_json, storage_options):
+    """Summarise the store at PATH (a local path or an fsspec URL): rows, hooks, dtype, layout, statistics,
+    provenance."""
+    s = _open(path, storage_options)
     if as_json:
         click.echo(json.dumps({"path": s.path, "nbytes_stored": s.nbytes_stored(), **s.attrs.to_json()}, indent=1))
         return
@@ -46,15 +84,17 @@ def info(path, as_json):
 
 @store.command()
 @click.argument("path")
-def verify(path):
-    """Read every chunk of the store at PATH and check checksums, row counts and statistics.
+@storage_options_option()
+def verify(path, storage_options):
+    """Read every chunk of the store at PATH (a local path or an fsspec URL) and check checksums, row counts and
+    statistics.
 
     Exits non-zero naming the first bad chunk.
     """
     from saeforge.stores import StoreError, verify_store
 
     try:
-        report = verify_store(path)
+        report = verify_store(path, storage_options=storage_options)
     except StoreError as e:
         raise click.ClickException(str(e)) from None
     if not report.ok:

@@ -5,6 +5,11 @@ libraries that write a path themselves (``torch.save``, ``safetensors``). Files 
 fsspec filesystem: :func:`write_json_atomic` (the writer's commit points), :func:`write_bytes_durable`,
 :func:`read_json`. And one way to hash: :func:`sha256_file`, :func:`sha256_bytes`.
 
+Where outputs may go: :func:`is_url` is the one place that tells a local path from an fsspec URL; stores may live
+at URLs, everything else a command writes (run directories, eval caches, plots, the demo folder) is local, and
+:func:`local_dir_problem` / :func:`writable_problem` say, in one line and before anything is made, why a path
+cannot be such a local output directory.
+
 Atomic here means: written to a temporary file in the same directory, then renamed over the target
 (``os.replace`` is atomic on POSIX and Windows), so readers see the old file or the new one, never a mix.
 """
@@ -14,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import threading
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -22,6 +28,8 @@ from typing import TYPE_CHECKING, Iterator
 if TYPE_CHECKING:
     from saeforge.stores.schema import Location
 
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*::)*[A-Za-z][A-Za-z0-9+.-]*://")
+"""An fsspec URL: a protocol and ``://``, possibly after chained ones (``simplecache::s3://bucket/x``)."""
 _HASH_BLOCK = 1 << 20
 """Bytes read at a time by sha256_file (bounded memory for multi-GB weight files)."""
 
@@ -135,3 +143,59 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(_HASH_BLOCK), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# ------------------------------------------------------------------ local output directories
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an fsspec URL (``memory://x``, ``s3://bucket/x``) rather than a local path;
+    ``file://`` URLs are local paths."""
+    text = os.fspath(path)
+    return bool(_URL.match(text)) and not text.startswith("file://")
+
+
+def local_dir_problem(path: str | os.PathLike, what: str, holds: str = "this output is", *,
+                      writable: bool = True) -> str | None:
+    """Why ``path`` cannot be a local output directory, in one line naming ``what`` (the option, e.g.
+    ``--out``) and ``holds`` (what is written there: "run directories are"); None when it can be. Refused: an
+    empty string (never the current directory), a URL, a file, a path under a file, and with ``writable`` a
+    directory this process cannot create anything in. Nothing is created."""
+    text = os.fspath(path)
+    if not text.strip():
+        return f"{what} is empty: give a directory"
+    if is_url(text):
+        return (f"{what} {text}: a URL, but only a local directory works here: {holds} written to a local path; "
+                "stores may live at URLs (--store)")
+    target = Path(text).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        return f"{what} {text} exists and is not a directory: {text} is a file; choose another output"
+    parent = _nearest_existing(target)
+    if not parent.is_dir():
+        return f"{what} {text} cannot be created: {parent} is a file, not a directory; choose another output"
+    return writable_problem(target, f"{what} {text}") if writable else None
+
+
+def writable_problem(path: str | os.PathLike, name: str | None = None) -> str | None:
+    """Why this process cannot write into the local directory ``path`` (or create it, when it does not exist),
+    in one line starting with ``name`` (default: the path); None when it can. Asked of the directory or its nearest
+    existing parent: its permission bits (``os.access``), then an anonymous temporary file created in it
+    (``tempfile.TemporaryFile``: on Linux it has no name, so not even a kill leaves it behind), which also catches
+    what the bits do not say (root on a read-only mount, /proc)."""
+    target = Path(path).expanduser().absolute()
+    parent = _nearest_existing(target)
+    where = "is" if parent == target else f"cannot be created: {parent} is"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{name or path} {where} not writable (read-only, or owned by another user); choose another output"
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        return f"{name or path} {where} not writable ({e.strerror or e}); choose another output"
+    return None
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path

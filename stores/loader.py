@@ -47,13 +47,15 @@ class StoreLoader:
     differs per epoch. ``epochs=None`` cycles forever (batches run across epoch boundaries); with a
     finite count the last batch may be short unless ``drop_last``. ``buffer_rows`` > 0 permutes rows
     inside consecutive windows of that many rows (cost per row independent of the window size).
+    ``storage_options``: of the fsspec filesystem of a store at a URL (``open_store``).
     """
 
     def __init__(self, store_or_path, hooks=None, batch_rows: int = 4096, seed: int = 0, threads: int = 2,
                  buffer_rows: int = 0, rank: int = 0, world_size: int = 1, out_dtype=torch.float32,
                  device=None, pin_memory: bool = False, epochs: int | None = None, drop_last: bool = False,
-                 read_chunks: int | None = None, prefetch_batches: int = 4, fast_path: bool = True):
-        self.store: Store = open_store(store_or_path)
+                 read_chunks: int | None = None, prefetch_batches: int = 4, fast_path: bool = True,
+                 storage_options: dict | None = None):
+        self.store: Store = open_store(store_or_path, storage_options)
         self.hooks = list(self.store.hooks if hooks is None else ([hooks] if isinstance(hooks, str) else hooks))
         self.store.check_hooks(self.hooks)
         problems = []

@@ -5,6 +5,10 @@ Opening runs the cheap consistency check (``integrity.check_store``) and removes
 its completion record left behind (``tidy.tidy_complete``). Reads decode on demand: ``read``/``read_numpy``
 (float32 rows), ``to_dask`` (a lazy float array, bf16 included), ``array`` (the raw zarr array, in the
 storage dtype). A chunk that is not there is an error, never a block of fill values (``strict.StrictStore``).
+
+A store at a URL is opened with the ``storage_options`` of its fsspec filesystem (credentials, endpoint); what
+its filesystem fails with (a missing bucket, refused credentials, an endpoint out of reach) is a one-line
+StoreError naming the URL (``remote.py``).
 """
 from __future__ import annotations
 
@@ -18,18 +22,33 @@ from saeforge.stores.errors import (ChecksumError, HookNotInStore, SchemaMismatc
                                     StoreIncomplete, StoreNotFound)
 from saeforge.stores.files import read_json
 from saeforge.stores.integrity import check_store, damaged
+from saeforge.stores.remote import check_remote, remote_error, remote_errors
 from saeforge.stores.tidy import tidy_complete
 
 
-def read_attrs(path_or_url, *, require_complete: bool = True) -> tuple[schema.Location, StoreAttrs]:
-    """Locate a store and return its typed attributes, raising the domain error that says what is wrong."""
-    loc = schema.locate(path_or_url)
-    if not loc.fs.exists(loc.root):
+def read_attrs(path_or_url, *, require_complete: bool = True,
+               storage_options: dict | None = None) -> tuple[schema.Location, StoreAttrs]:
+    """Locate a store and return its typed attributes, raising the domain error that says what is wrong.
+    ``storage_options``: of the fsspec filesystem of a store at a URL (``schema.locate``)."""
+    loc = schema.locate(path_or_url, storage_options)
+    with remote_errors(loc):
+        return loc, _read_attrs(loc, require_complete)
+
+
+def _read_attrs(loc: schema.Location, require_complete: bool) -> StoreAttrs:
+    try:
+        exists = loc.fs.exists(loc.root)
+    except OSError:
+        check_remote(loc)  # a listing names the cause (refused key, denied access) where a HEAD request says 403
+        raise
+    if not exists:
+        check_remote(loc)  # a missing bucket: say so rather than "no store"
         raise StoreNotFound(f"no store at {loc.url}: the path does not exist")
     try:
         raw = read_group_attrs(loc)
     except (ValueError, OSError) as e:
-        raise StoreNotFound(f"{loc.url} is not a saeforge store: unreadable zarr.json ({e})") from e
+        raise remote_error(loc, e) or StoreNotFound(f"{loc.url} is not a saeforge store: unreadable zarr.json "
+                                                    f"({e})") from e
     if raw is None and loc.fs.exists(loc.sub(schema.STATE_DIR)):
         raise StoreNotFound(f"{loc.url} holds no store yet: its writer stopped before writing the group's "
                             "zarr.json (only writer state is there); rerun the same harvest command to write it")
@@ -44,7 +63,7 @@ def read_attrs(path_or_url, *, require_complete: bool = True) -> tuple[schema.Lo
                              "re-harvest it)")
     if require_complete and not attrs.is_complete:
         raise StoreIncomplete(_incomplete_message(loc))
-    return loc, attrs
+    return attrs
 
 
 def _incomplete_message(loc: schema.Location) -> str:
@@ -99,7 +118,8 @@ class Store:
         """The raw zarr array (storage dtype: bfloat16 hooks are uint16 bit patterns)."""
         if name not in self.attrs.hooks and name not in schema.META_ARRAYS:
             self.check_hooks([name])
-        return self.group[name]
+        with remote_errors(self.loc):  # its metadata is read here
+            return self.group[name]
 
     def read_numpy(self, hook: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) of a hook as float32 numpy (rows, d)."""
@@ -173,21 +193,30 @@ class Store:
         return sum(int(self.group[n].nbytes_stored()) for n in [*self.hooks, *schema.META_ARRAYS])
 
 
-def open_store(path_or_url) -> Store:
+def open_store(path_or_url, storage_options: dict | None = None) -> Store:
     """Open a complete store for reading: StoreNotFound / SchemaMismatch / StoreIncomplete otherwise, and
-    StoreDamaged when the cheap consistency check (``integrity.check_store``) finds anything wrong."""
+    StoreDamaged when the cheap consistency check (``integrity.check_store``) finds anything wrong.
+
+    ``storage_options``: keyword arguments of the fsspec filesystem of a store at a URL, e.g. for S3
+    ``{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...}}``; a missing bucket is a StoreNotFound,
+    an unreachable endpoint or refused credentials a ``remote.RemoteStoreError``."""
     if isinstance(path_or_url, Store):
         return path_or_url
-    loc, attrs = read_attrs(path_or_url)
-    tidy_complete(loc)
-    problems = check_store(loc, attrs)
-    if problems:
-        raise damaged(loc, problems)
-    return Store(loc, attrs)
+    loc, attrs = read_attrs(path_or_url, storage_options=storage_options)
+    with remote_errors(loc):
+        tidy_complete(loc)
+        problems = check_store(loc, attrs)
+        if problems:
+            raise damaged(loc, problems)
+        return Store(loc, attrs)
 
 
 def read_error(store: Store, name: str, lo: int, hi: int, e: Exception) -> StoreError:
-    """A failed read of rows [lo, hi) of an array, as the StoreError that names it."""
+    """A failed read of rows [lo, hi) of an array, as the StoreError that names it (a remote filesystem's failure
+    as what it is: the store is not damaged when its endpoint is out of reach)."""
+    remote = remote_error(store.loc, e)
+    if remote is not None:
+        return remote
     shard = f"{name}/c/{lo // store.shard_rows}" + ("/0" if name in store.attrs.hooks else "")
     where = f"{store.path}: {name} rows {lo}:{hi} (file {shard})"
     if "checksum" in str(e).lower():

@@ -153,26 +153,24 @@ class Location(NamedTuple):
         return "/".join([self.root.rstrip("/"), *parts])
 
 
-def is_url(path_or_url) -> bool:
-    """Whether ``path_or_url`` names a location on an fsspec filesystem other than the local disk
-    (``memory://x``, ``s3://bucket/x``); ``file://`` URLs and plain paths are local."""
-    text = os.fspath(path_or_url)
-    return "://" in text and not text.startswith("file://")
-
-
 def locate(path_or_url, storage_options: dict | None = None) -> Location:
     """Local path (str or PathLike) or fsspec URL (``memory://``, ``s3://``, ...) -> Location.
 
     ``storage_options``: keyword arguments of the URL's fsspec filesystem (for s3fs: ``key``, ``secret``,
-    ``client_kwargs={"endpoint_url": ...}``, ...); a Location passed in is returned as it is."""
+    ``client_kwargs={"endpoint_url": ...}``, ...); ignored for local paths. Listings are not cached
+    (``use_listings_cache=False`` unless the options say otherwise): a store's files are written through zarr's
+    own filesystem instance too, and a cached listing would hide them. A Location passed in is returned as is.
+    """
     import fsspec
+
+    from saeforge.stores.files import is_url
 
     if isinstance(path_or_url, Location):
         return path_or_url
     text = os.fspath(path_or_url)
     if is_url(text):
-        opts = dict(storage_options or {})
+        opts = {"use_listings_cache": False, **(storage_options or {})}
         fs, root = fsspec.core.url_to_fs(text, **opts)
-        return Location(text.rstrip("/"), fs, root.rstrip("/"), False, opts or None)
+        return Location(text.rstrip("/"), fs, root.rstrip("/"), False, opts)
     local = os.path.abspath(text.removeprefix("file://"))
     return Location(local, fsspec.filesystem("file"), local, True)

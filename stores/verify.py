@@ -10,6 +10,7 @@ import numpy as np
 from saeforge.stores import schema
 from saeforge.stores.errors import StoreError
 from saeforge.stores.integrity import check_store
+from saeforge.stores.remote import remote_error, remote_errors
 from saeforge.stores.stats import StatsAccumulator
 from saeforge.stores.tidy import tidy_complete
 
@@ -40,13 +41,22 @@ def chunk_name(store, name: str, lo: int) -> str:
     return f"{name} rows {lo}:{min(lo + rows, store.n_rows)} (chunk {lo // rows}, file {key})"
 
 
-def verify_store(path_or_url, *, progress: bool = False) -> VerifyReport:
+def verify_store(path_or_url, *, progress: bool = False, storage_options: dict | None = None) -> VerifyReport:
     """Check the attributes, metadata and files (as ``open_store`` does), then read every chunk of every array
-    and compare row counts, values and statistics with the attributes. Every problem is one line."""
-    from saeforge.stores.reader import Store, read_attrs
+    and compare row counts, values and statistics with the attributes. Every problem is one line.
+    ``storage_options``: of the fsspec filesystem of a store at a URL (``open_store``). A remote filesystem
+    failing (endpoint out of reach, access refused) is raised as such, never reported as bad chunks."""
+    from saeforge.stores.reader import read_attrs
+
+    loc, attrs = read_attrs(path_or_url, storage_options=storage_options)
+    with remote_errors(loc):
+        return _verify(loc, attrs)
+
+
+def _verify(loc, attrs) -> VerifyReport:
+    from saeforge.stores.reader import Store
 
     t0 = time.perf_counter()
-    loc, attrs = read_attrs(path_or_url)
     tidy_complete(loc)
     found = check_store(loc, attrs)
     problems = [p.text for p in found]
@@ -89,6 +99,8 @@ def _read_chunk(store, name: str, lo: int, hi: int) -> tuple[np.ndarray | None, 
     try:
         return store.array(name)[lo:hi], None
     except Exception as e:  # noqa: BLE001 - any decode failure is a bad chunk; report it by name
+        if remote_error(store.loc, e) is not None:
+            raise  # not the chunk's fault: verify_store raises it as the remote failure it is
         return None, _reason(e)
 
 

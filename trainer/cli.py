@@ -12,11 +12,12 @@ import json
 import click
 
 from saeforge.trainer.errors import ConfigError, TrainerError
-from saeforge.trainer.options import (CONFIG_HELP, GRID_AXES, build_config, fields_of, given, read_config,
-                                      table_options, with_options)
+from saeforge.trainer.options import (CONFIG_HELP, GRID_AXES, STORAGE_OPTIONS, build_config, fields_of, given,
+                                      read_config, table_options, with_options)
 
 SOURCE = [
     click.option("--store", help="Activation store (path or URL) [the config file's top-level `store`]."),
+    STORAGE_OPTIONS,
     click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help=CONFIG_HELP),
 ]
 TAIL = [
@@ -33,7 +34,7 @@ def _fail(exc: Exception) -> click.ClickException:
     return click.ClickException(msg)
 
 
-def _run(store, saes, train, out, *, sweep, resume, quiet):
+def _run(store, saes, train, out, *, sweep, resume, quiet, storage_options):
     from saeforge.stores.errors import StoreError
     from saeforge.trainer.run import train_from_store
 
@@ -42,7 +43,8 @@ def _run(store, saes, train, out, *, sweep, resume, quiet):
     if out is None:
         raise click.ClickException("no output directory given: pass --out DIR or set `out` in the config file")
     try:
-        summary = train_from_store(store, saes, train, out, sweep=sweep, resume=resume, progress=not quiet)
+        summary = train_from_store(store, saes, train, out, sweep=sweep, resume=resume, progress=not quiet,
+                                   storage_options=storage_options)
     except (StoreError, TrainerError) as exc:
         raise _fail(exc) from None
     click.echo(json.dumps(summary if sweep else summary[0], indent=2))
@@ -53,12 +55,14 @@ def _run(store, saes, train, out, *, sweep, resume, quiet):
     click.option("--out", help="Run directory [the config file's top-level `out`] (rerun the same command to resume "
                                "it; a complete run is left as is).")],
     table_options("sae", skip=("hook",)), TRAIN_OPTIONS, TAIL)
-def train(config_file, out, resume, quiet, store, **flags):
+def train(config_file, out, resume, quiet, store, storage_options, **flags):
     """Train one SAE on a store's activations; writes a run directory (cfg.json, sae_weights.safetensors,
     metrics.jsonl, checkpoint.pt) and prints a JSON summary.
 
     Every option below is also a key of the --config file: the SAE's in its [sae] table, the run's in [train]
-    (`--l1` is `l1_coefficient`), `store` and `out` at the top level. The same file seeds `saeforge sweep`.
+    (`--l1` is `l1_coefficient`), `store`, `storage_options` and `out` at the top level. The same file seeds
+    `saeforge sweep`. The store may live at an fsspec URL (s3://bucket/acts with --storage-options); the run
+    directory is local.
 
     Example: saeforge train --store acts.zarr --hook blocks.1.hook_resid_post --arch gated --l1 1e-3
     --out runs/g1"""
@@ -70,7 +74,8 @@ def train(config_file, out, resume, quiet, store, **flags):
         cfg = build_config(TrainConfig, file.get("train"), given(flags, "train"))
     except TrainerError as exc:
         raise _fail(exc) from None
-    _run(store or file.store, [sae], cfg, file.out if out is None else out, sweep=False, resume=resume, quiet=quiet)
+    _run(store or file.store, [sae], cfg, file.out if out is None else out, sweep=False, resume=resume, quiet=quiet,
+         storage_options=file.storage_options if storage_options is None else storage_options)
 
 
 @click.command()
@@ -87,7 +92,7 @@ def train(config_file, out, resume, quiet, store, **flags):
                  help="Baseline SAEs of the grid get 1.5x its width (the paper's equal-compute comparison)."
                       "  [default: false]")],
     table_options("sae", skip=(*GRID_AXES, "name")), TRAIN_OPTIONS, TAIL)
-def sweep(config_file, out, resume, quiet, store, hooks, **flags):
+def sweep(config_file, out, resume, quiet, store, storage_options, hooks, **flags):
     """Train many SAEs (grid of hook x arch x width x lambda x seed, plus [[saes]] entries of the config file) on
     the same batches in one pass over the store; SAEs of one shape train as one batched module.
 
@@ -116,7 +121,8 @@ def sweep(config_file, out, resume, quiet, store, hooks, **flags):
         saes = _sweep_saes({**file.get("sae"), **given(flags, "sae")}, grid, file.saes)
     except TrainerError as exc:
         raise _fail(exc) from None
-    _run(store or file.store, saes, cfg, file.out if out is None else out, sweep=True, resume=resume, quiet=quiet)
+    _run(store or file.store, saes, cfg, file.out if out is None else out, sweep=True, resume=resume, quiet=quiet,
+         storage_options=file.storage_options if storage_options is None else storage_options)
 
 
 def _sweep_saes(base: dict, grid: dict, entries: list[dict]) -> list:

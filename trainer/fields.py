@@ -207,6 +207,8 @@ def check(value: Any, tp: Any) -> Any:
         return value
     elif tp in (str, bool) and isinstance(value, tp):
         return value
+    elif (tp is dict or origin is dict) and isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return dict(value)  # a table of options handed on as is (storage_options: the filesystem checks them)
     elif tp is Any:
         return value
     raise Mismatch(f"expected {describe(tp)}, got {show(value)}")
@@ -226,7 +228,9 @@ def describe(tp: Any, *, plural: bool = False) -> str:
             return "a list [" + ", ".join(describe(a) for a in args) + "]"
         return ("lists" if plural else "a list") + f" of {describe(args[0], plural=True)}"
     words = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
-             bool: ("true or false", "booleans")}
+             bool: ("true or false", "booleans"), dict: ("a table", "tables")}
+    if origin is dict:
+        return words[dict][plural]
     return words[tp][plural] if tp in words else getattr(tp, "__name__", str(tp))
 
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
-from saeforge.stores.files import sha256_bytes
+from saeforge.stores.files import local_dir_problem, sha256_bytes, writable_problem
 from saeforge.trainer.errors import ConfigError, ResumeMismatch
 
 FINGERPRINT_KEYS = ("hooks", "dtype", "n_rows", "seed", "provenance", "stats")
 """The store attributes that say which rows a store holds: what `store_fingerprint` hashes."""
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 # ------------------------------------------------------------------ the output
@@ -26,36 +24,23 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 def check_out(out: str | os.PathLike) -> Path:
     """`out` as a local path; ConfigError for an empty string (not the current directory), a URL (run directories
-    are local), or a path below a file."""
+    are local; the store may be a URL), a file or a path below a file (`stores.files.local_dir_problem`).
+    Writability is checked later, once it is known that something will be written (`check_writable`)."""
     text = os.fspath(out)
     if not text.strip():
         raise ConfigError("the output directory is empty (--out ''): give a run directory")
-    if _URL.match(text):
-        raise ConfigError(f"--out {text}: run directories are local; give a local path (stores may be URLs, "
-                          "run directories may not)")
-    path = Path(text)
-    existing = _nearest_existing(path)
-    if not existing.is_dir():
-        where = "is a file" if existing == path.absolute() else f"cannot be created: {existing} is a file"
-        raise ConfigError(f"--out {text} {where}, not a directory; choose another output")
-    return path
+    problem = local_dir_problem(text, "--out", "run directories are", writable=False)
+    if problem:
+        raise ConfigError(problem)
+    return Path(text)
 
 
 def check_writable(run_dirs: list[Path]) -> None:
-    """ConfigError naming the first run directory that cannot be written (or created) by this process."""
+    """ConfigError naming the first run directory that this process cannot write into (or create)."""
     for d in run_dirs:
-        existing = _nearest_existing(d)
-        if not os.access(existing, os.W_OK | os.X_OK):
-            what = "is" if existing == d.absolute() else f"cannot be created: {existing} is"
-            raise ConfigError(f"{d} {what} not writable (read-only, or owned by another user); choose another "
-                              "output")
-
-
-def _nearest_existing(path: Path) -> Path:
-    p = path.absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
+        problem = writable_problem(d)
+        if problem:
+            raise ConfigError(problem)
 
 
 # ------------------------------------------------------------------ the store

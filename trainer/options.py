@@ -3,8 +3,9 @@
 One file layout serves `harvest`, `train`, `sweep`, `eval` and `demo`, so one file can describe a whole
 experiment; every command checks the whole file and reads the tables it needs:
 
-    store = "acts/l10"          # the store harvest writes and train / sweep read
+    store = "acts/l10"          # the store harvest writes and train / sweep read (a local path or an fsspec URL)
     out = "runs/sw"             # train: the run; sweep: the sweep; eval: what it evaluates; demo: its folder
+    storage_options = {key = "...", secret = "..."}   # the store's fsspec options, when it lives at a URL
 
     [harvest]                   # HarvestConfig
     layers = [10]
@@ -32,7 +33,8 @@ experiment; every command checks the whole file and reads the tables it needs:
 Precedence: dataclass defaults < file < flags. Every key is type-checked against its field's annotation and
 an unknown key is an error that names the closest valid one. The click options are generated from the same
 dataclass fields (`table_options`): `--field-name` plus the CLI's older spelling, help = the docstring under
-the field, default None, so an unset flag never overrides the file.
+the field, default None, so an unset flag never overrides the file. A dict field is one JSON object on the command
+line (`--storage-options '{"anon": true}'`, `stores/cli.py: JsonObject`) and a TOML table in the file.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from typing import Any, Iterable, NamedTuple
 
 import click
 
+from saeforge.stores.cli import STORAGE_OPTIONS_HELP, JsonObject, storage_options_option
 from saeforge.trainer.errors import ConfigError  # a config file that cannot be used: one line
 from saeforge.trainer.fields import MISSING, FieldSpec, Mismatch, check, config_fields, describe, show
 
@@ -74,18 +77,24 @@ TABLES = {
                      flags={"lm_dtype": ("--dtype",), "prepend_bos": ("--bos/--no-bos",),
                             "special_token_rule": ("--special-tokens",)},
                      words={"writer_memory_mb": "writer_memory_bytes"},
-                     elsewhere={"out": "the store harvest writes is the top-level `store`"}),
+                     elsewhere={"out": "the store harvest writes is the top-level `store`",
+                                "storage_options": "a store's options are the top-level `storage_options` table "
+                                                   "(beside `store`, above every [table])"}),
     "train": Table("saeforge.trainer.config", "TrainConfig"),
     "sae": Table("saeforge.trainer.config", "SAEConfig", flags={"l1_coefficient": ("--l1",)},
                  words={"lambda": "l1_coefficient"}),
     "eval": Table("saeforge.pipeline.evaluate", "EvalConfig"),
     "demo": Table("saeforge.pipeline.cli_demo", "DemoConfig"),
 }
-TOP_LEVEL = ("store", "out")  # the store harvest writes and train / sweep read; the run, sweep or demo folder
+TOP_LEVEL = {"store": str, "out": str, "storage_options": dict}
+"""The file's top-level keys: the store harvest writes and train / sweep / eval read; the run, sweep or demo
+folder; the store's fsspec options (credentials, endpoint) when it lives at a URL."""
 GRID_AXES = ("hook", "arch", "d_sae", "l1_coefficient", "seed")  # trainer/grid.py: GRID_LISTS
 GRID_EXTRA = {"l1_coefficient_baseline": list[float], "equal_compute": bool}
 CONFIG_HELP = ("TOML file (tables [harvest], [train], [sae], [grid], [[saes]], [eval], [demo]; top-level store, "
-               "out); flags override it.")
+               "out, storage_options); flags override it.")
+STORAGE_OPTIONS = storage_options_option(STORAGE_OPTIONS_HELP + " [the config file's top-level `storage_options`]")
+"""`--storage-options JSON`: train, sweep and eval (harvest's is generated from `HarvestConfig.storage_options`)."""
 
 
 def fields_of(table: str) -> dict[str, FieldSpec]:
@@ -100,6 +109,8 @@ class ConfigFile:
     path: str | None = None
     store: str | None = None
     out: str | None = None
+    storage_options: dict | None = None
+    """The top-level `storage_options` table: the fsspec options of a store at a URL."""
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)
     saes: list[dict[str, Any]] = field(default_factory=list)
 
@@ -121,7 +132,7 @@ def read_config(path: str | Path | None) -> ConfigFile:
     tops, tables, saes = {}, {}, []
     for key, value in doc.items():
         if key in TOP_LEVEL:
-            tops[key] = _checked(value, str, path, key)
+            tops[key] = _checked(value, TOP_LEVEL[key], path, key)
         elif key == "saes":
             if not (isinstance(value, list) and all(isinstance(e, dict) for e in value)):
                 raise ConfigError(f"{path}: saes must be [[saes]] tables (one per SAE), got {show(value)}")
@@ -181,6 +192,8 @@ def _spellings(table: str) -> dict[str, str]:
 
 
 def _key_hint(key: str, table: str) -> str:
+    if key in TOP_LEVEL:
+        return " (it is a top-level key: write it above every [table])"
     hint = _closest(key, _spellings(table))
     if hint:
         return f" (did you mean {hint}?)"
@@ -260,6 +273,8 @@ def _option(spec: FieldSpec, extra: tuple[str, ...], dest: str, multiple: bool):
     elif typing.get_origin(tp) is tuple:
         return click.option(flag, *extra, dest, type=CommaList(tp), multiple=multiple, default=None, help=help_,
                             metavar=_list_metavar(tp))
+    elif tp is dict or typing.get_origin(tp) is dict:
+        kind = JsonObject()
     else:
         kind = {int: click.INT, float: click.FLOAT, str: click.STRING}[tp]
     return click.option(flag, *extra, dest, type=kind, multiple=multiple, default=None, help=help_)
@@ -280,7 +295,7 @@ def _without_none(tp):
 
 
 def _default_text(default) -> str:
-    if default is MISSING or default is None or default == () or default == "":
+    if default is MISSING or default is None or default in ((), "", {}):
         return ""
     text = ",".join(map(str, default)) if isinstance(default, tuple) else show(default).strip('"')
     return f"  [default: {text}]"

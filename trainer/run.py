@@ -201,7 +201,7 @@ def _start(loader, trainer: SweepTrainer, run_dirs: list[Path], state: str, swee
 
 def train_from_store(store: str | Path, saes: list[SAEConfig], train: TrainConfig, out: str | Path, *,
                      sweep: bool = False, resume: bool = False, progress: bool = True,
-                     dtype: torch.dtype = torch.float32) -> list[dict[str, Any]]:
+                     dtype: torch.dtype = torch.float32, storage_options: dict | None = None) -> list[dict[str, Any]]:
     """Train `saes` (each on its `hook`, default `train.hook`) on the store at `store`; returns one summary dict
     per SAE. Idempotent: a run directory that already holds these runs is resumed from its checkpoints, or left
     as it is when complete; `resume=True` only insists that there is something to resume.
@@ -210,14 +210,17 @@ def train_from_store(store: str | Path, saes: list[SAEConfig], train: TrainConfi
     StoreDamaged, ...), RunExists, ResumeMismatch (another run, another store), RunCorrupt (a damaged run file)
     or ConfigError (bad output path, device, batch size). While training, a store error (a chunk that cannot
     be read, non-finite rows) or NonFinite (a loss or weights) stops it, naming the step; the run directory
-    keeps its last good checkpoint and weights, and the same command resumes from them."""
+    keeps its last good checkpoint and weights, and the same command resumes from them.
+
+    `store` may be an fsspec URL, opened with `storage_options` (credentials, endpoint; never recorded); `out` is
+    a local path (ConfigError for a URL)."""
     from saeforge.stores import StoreLoader
 
     out = guards.check_out(out)
     check_trackers(train.log_to)
     run_dirs = run_dirs_for(out, saes, sweep)
     device = resolve_device(train.device)
-    st, sae_hooks, norms = _open_checked(store, saes, train)
+    st, sae_hooks, norms = _open_checked(store, saes, train, storage_options)
     d_ins = {h: st.d(h) for h in norms}
     trainer = SweepTrainer(saes, train, d_ins, normalisers=norms, device=device, dtype=dtype)
     compute = "bfloat16" if trainer.autocast else str(dtype).removeprefix("torch.")
@@ -271,13 +274,14 @@ def _train(run: _Run, loader, state: str, group: str | None = None) -> None:
         close_sinks(run.sinks, ok)
 
 
-def _open_checked(store, saes: list[SAEConfig], train: TrainConfig) -> tuple[Any, list[str], dict[str, Normaliser]]:
+def _open_checked(store, saes: list[SAEConfig], train: TrainConfig,
+                  storage_options: dict | None = None) -> tuple[Any, list[str], dict[str, Normaliser]]:
     """Open the store (`open_store` refuses a damaged one) and check it against the run before anything is
     written: the hooks (HookNotInStore) and the batch size (ConfigError). Returns the store, each SAE's hook,
     and one Normaliser per hook in first-use order."""
     from saeforge.stores import open_store
 
-    st = open_store(store)
+    st = open_store(store, storage_options)
     sae_hooks = [s.hook or train.hook for s in saes]
     hooks = list(dict.fromkeys(sae_hooks))
     st.check_hooks(hooks)

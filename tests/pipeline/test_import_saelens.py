@@ -74,10 +74,14 @@ def test_rerun_does_nothing_and_another_import_into_it_is_refused(tmp_path):
 
 
 def test_an_interrupted_import_resumes_to_the_same_store(tmp_path, monkeypatch):
-    write_cache(tmp_path / "cache")
+    data = write_cache(tmp_path / "cache")
+    # a writer that commits staged rows every ~500 rows, so a kill leaves some committed
     cfg = imp.ImportConfig(cache=str(tmp_path / "cache"), out=str(tmp_path / "whole"), batch_rows=10,
-                           writer_memory_bytes=1 << 17)  # stages every ~500 rows: a kill leaves some committed
+                           store_dtype="float32", writer_memory_bytes=1 << 17)
     imp.import_saelens(cfg, progress=False)
+    seq, _, _, acts = rows_by_seq_pos(tmp_path / "whole", (HOOK,))  # read in 9 batches: still every row once
+    assert np.array_equal(seq, np.repeat(np.arange(N_SEQ), CTX))
+    assert np.array_equal(acts[HOOK], data[HOOK].reshape(-1, D))
     real = imp.cache_rows
 
     def interrupted(*args, **kwargs):  # the run dies after 6 of 9 batches (the writer staged some of them)
@@ -91,7 +95,8 @@ def test_an_interrupted_import_resumes_to_the_same_store(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         imp.import_saelens(cut, progress=False)
     monkeypatch.setattr(imp, "cache_rows", real)
-    res = imp.import_saelens(cut, progress=False)
+    res = imp.import_saelens(imp.ImportConfig(**{**cut.__dict__, "batch_rows": 7}), progress=False)  # the staged
+    # rows end inside a batch of 7: its first rows are skipped, not appended twice
     assert 0 < res.rows_resumed < N_SEQ * CTX and res.rows == N_SEQ * CTX
     a, b = open_store(str(tmp_path / "whole")), open_store(str(tmp_path / "cut"))
     assert np.array_equal(a.seq_idx(), b.seq_idx()) and np.array_equal(a.pos(), b.pos())

@@ -1,9 +1,10 @@
-"""Benchmark harvest against the bare LM forward it is built on; prints ratios measured in one run.
+"""Benchmark harvest, one section at a time (``--section``); prints ratios measured in one run.
 
     python scripts/bench_harvest.py                         # SmolLM2-135M (offline), layer 10, ctx 128, batch 8
     python scripts/bench_harvest.py --device cuda --model-config llama-1b --dataset synthetic --batches 100
+    python scripts/bench_harvest.py --section finalize      # the writer's second pass: 1 worker vs all cores
 
-Measures, on one loaded model and the same token batches:
+Section ``stream`` (the default) measures, on one loaded model and the same token batches:
   bare      ``bridge(tokens, stop_at_layer=L+1)``: the floor harvest can reach;
   full      the full forward (what stop_at_layer saves);
   harvest1  ``harvest()`` with one site (resid_post), streaming phase (LM + hand-off + staging);
@@ -15,12 +16,21 @@ during harvest is sampled with nvidia-smi (or torch.cuda.utilization).
 ``--model-config`` builds a random-weight LlamaForCausalLM from a preset or a JSON file of LlamaConfig
 fields (no hub needed: throughput does not depend on the weights); a byte-level BPE tokenizer is trained
 on the benchmark text. ``--dataset synthetic`` writes a random-word corpus, for machines without PyPI.
+
+Section ``finalize`` stages ``--rows`` synthetic bf16 rows of width ``--d`` once, then finalizes fresh copies
+of that staged store (``StoreWriter.close``: shuffle, compress, write) with 1 worker and with every core, in
+threads and in processes, each in a process of its own (its peak RSS is reported), interleaved over
+``--finalize-repeats``; it checks that every variant wrote the same bytes and writes its measurements to
+``--results`` (one JSON line per measurement on stdout too). Target: all cores >= 1.7x one worker on 2 cores.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -32,7 +42,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 PRESETS = {  # LlamaConfig fields; realistic sizes for a GPU throughput run
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -73,6 +82,7 @@ def train_tokenizer(directory: Path, text_file: Path, vocab_size: int):
 
 def random_lm(config: str, directory: Path, text_file: Path, device: str, dtype: str):
     """A random-weight Llama built from a preset/JSON config, wrapped like load_lm would."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from saeforge.pipeline.lm import DTYPES, wrap_hf_model
@@ -90,12 +100,16 @@ def random_lm(config: str, directory: Path, text_file: Path, device: str, dtype:
 
 
 def sync(lm):
+    import torch
+
     if lm.device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
 def bare_tps(lm, batches, stop_at_layer):
     """Tokens/s of the bare forward over the prepared batches (tokens already on the host)."""
+    import torch
+
     sync(lm)
     t = time.perf_counter()
     with torch.inference_mode():
@@ -118,6 +132,8 @@ class GpuSampler:
         return self
 
     def _run(self):
+        import torch
+
         while not self.stop.wait(0.1):
             try:
                 out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
@@ -175,21 +191,8 @@ def measure(lm, cfg, batches, layer, tmp, repeats, gpu, with_full, dtype=""):
     return {k: statistics.median(v) for k, v in out.items() if v}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--model-config", default=None, help=f"random-weight Llama: {', '.join(PRESETS)} or a JSON file")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dataset", default="shakespeare", help="shakespeare, synthetic, or any harvest --dataset")
-    ap.add_argument("--layer", type=int, default=10)
-    ap.add_argument("--context-size", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--batches", type=int, default=8,
-                    help="forward passes per measurement (after a warm-up of 2 passes)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-bf16", action="store_true")
-    ap.add_argument("--no-full", action="store_true")
-    args = ap.parse_args(argv)
+def run_stream(args):
+    import torch
 
     from saeforge.pipeline.batches import window_batches
     from saeforge.pipeline.data import describe_dataset
@@ -236,6 +239,8 @@ def main(argv=None):
 
 
 def report(results, args, device):
+    import torch
+
     f32 = results["float32"]
     name = args.model_config and f"random Llama ({args.model_config})" or args.model
     dev = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
@@ -265,6 +270,125 @@ def report(results, args, device):
     if device.startswith("cuda"):
         print(f"GPU utilisation during harvest: 1 site {f32['gpu1']:.0f}%, 3 sites {f32['gpu3']:.0f}%")
     sys.stdout.flush()
+
+
+# --- section finalize: the writer's second pass ------------------------------------------------------------
+def stage_input(path: Path, args) -> None:
+    """A store whose rows are all staged (phase ``staging``, nothing written yet): random normal bf16 rows."""
+    from saeforge.stores import StoreWriter
+
+    rng = np.random.default_rng(0)
+    w = StoreWriter(path, {"blocks.10.hook_resid_post": args.d}, dtype="bfloat16", seed=0,
+                    expected_rows=args.rows, memory_limit_bytes=args.memory_mb << 20)
+    for lo in range(0, args.rows, 1 << 16):
+        n = min(1 << 16, args.rows - lo)
+        rows = rng.standard_normal((n, args.d), dtype=np.float32)
+        w.append({"blocks.10.hook_resid_post": rows}, token_ids=np.arange(lo, lo + n))
+    w._stager.flush()  # the rows still buffered; then stop before close() so every copy starts from here
+    w.abort()
+
+
+def finalize_once(path: str, workers: int, kind: str, args) -> dict:
+    """In a process of its own (``--finalize-one``): reopen the staged copy and close it; seconds and peak RSS."""
+    from saeforge.stores import StoreWriter
+
+    w = StoreWriter(path, {"blocks.10.hook_resid_post": args.d}, dtype="bfloat16", seed=0, expected_rows=args.rows,
+                    memory_limit_bytes=args.memory_mb << 20, finalize_workers=workers, finalize_executor=kind)
+    t = time.perf_counter()
+    w.close()
+    seconds = time.perf_counter() - t
+    rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return {"seconds": seconds, "max_rss_mib": rss / 1024}
+
+
+def store_digest(path: Path) -> str:
+    """sha256 over every file of a complete store (path and bytes)."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(path)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def run_finalize(args):
+    tmp = Path(args.tmp or tempfile.mkdtemp(prefix="bench_finalize_"))
+    staged = tmp / "staged"
+    t = time.perf_counter()
+    stage_input(staged, args)
+    print(f"staged {args.rows:,} rows of d={args.d} bf16 in {time.perf_counter() - t:.0f} s", flush=True)
+    cores = os.cpu_count() or 1
+    variants = [(1, "threads"), (cores, "threads"), (cores, "processes")]
+    rows, digests = [], {}
+    for r in range(args.finalize_repeats):  # interleaved: the machine is shared and noisy
+        for workers, kind in variants:
+            copy = tmp / f"copy-{workers}-{kind}"
+            shutil.copytree(staged, copy)
+            out = subprocess.run([sys.executable, __file__, "--finalize-one", str(copy), str(workers), kind,
+                                  "--memory-mb", str(args.memory_mb), "--rows", str(args.rows), "--d", str(args.d)],
+                                 capture_output=True, text=True, check=True)
+            m = json.loads(out.stdout.strip().splitlines()[-1])
+            m.update(section="finalize", repeat=r, workers=workers, executor=kind, rows=args.rows, d=args.d,
+                     rows_per_s=args.rows / m["seconds"])
+            digests.setdefault(f"{workers}-{kind}", store_digest(copy))
+            shutil.rmtree(copy)
+            rows.append(m)
+            print(json.dumps(m), flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    report_finalize(args, rows, digests, variants)
+
+
+def report_finalize(args, rows, digests, variants):
+    def median(workers, kind):
+        return statistics.median(m["rows_per_s"] for m in rows if (m["workers"], m["executor"]) == (workers, kind))
+
+    serial = median(1, "threads")
+    summary = {f"{w}-{k}": {"rows_per_s": median(w, k), "ratio": median(w, k) / serial} for w, k in variants}
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    same = len(set(digests.values())) == 1
+    result = {"cpu": cpu, "cores": os.cpu_count(), "rows": args.rows, "d": args.d, "memory_mb": args.memory_mb,
+              "load_avg_at_end": os.getloadavg(), "same_bytes": same, "summary": summary, "measurements": rows}
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"finalize of {args.rows:,} rows x {args.d} bf16, {args.finalize_repeats} repeats (medians), {cpu}, "
+          f"{os.cpu_count()} cores; every variant wrote the same bytes: {same}")
+    for key, v in summary.items():
+        print(f"  {key:<14}{v['rows_per_s']:>12,.0f} rows/s{v['ratio']:>8.2f}x")
+    print(f"results in {args.results}")
+
+
+SECTIONS = {"stream": run_stream, "finalize": run_finalize}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--section", choices=sorted(SECTIONS), default="stream")
+    s = ap.add_argument_group("section stream")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--model-config", default=None, help=f"random-weight Llama: {', '.join(PRESETS)} or a JSON file")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dataset", default="shakespeare", help="shakespeare, synthetic, or any harvest --dataset")
+    s.add_argument("--layer", type=int, default=10)
+    s.add_argument("--context-size", type=int, default=128)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--batches", type=int, default=8, help="forward passes per measurement (after a warm-up of 2)")
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--no-bf16", action="store_true")
+    s.add_argument("--no-full", action="store_true")
+    f = ap.add_argument_group("section finalize")
+    f.add_argument("--rows", type=int, default=2_000_000)
+    f.add_argument("--d", type=int, default=576)
+    f.add_argument("--memory-mb", type=int, default=1024, help="the writer's memory_limit_bytes, in MiB")
+    f.add_argument("--finalize-repeats", type=int, default=2)
+    f.add_argument("--tmp", default=None, help="folder for the staged input and its copies (default: a temp dir)")
+    f.add_argument("--results", default=str(Path(__file__).parent / "results" / "bench_harvest_finalize.json"))
+    ap.add_argument("--finalize-one", nargs=3, metavar=("PATH", "WORKERS", "EXECUTOR"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.finalize_one:
+        path, workers, kind = args.finalize_one
+        print(json.dumps(finalize_once(path, int(workers), kind, args)))
+        return
+    SECTIONS[args.section](args)
 
 
 if __name__ == "__main__":

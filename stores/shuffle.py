@@ -1,11 +1,14 @@
 """The external two-pass shuffle: scatter rows to random buckets on disk, then permute each bucket.
 
 Pass 1 gives every row a bucket drawn from a hash of (seed, its index in the stream), so the result does
-not depend on how the producer batched its rows or where a crash cut the stream. Pass 2 reads the
-buckets in order, permutes each in memory with a generator seeded by (seed, bucket), and concatenates.
-Independent uniform buckets + a uniform permutation per bucket = a uniform permutation of all rows
-(Rao 1961; Sandelius 1962). A bucket too large for memory is itself scattered to sub-buckets and
+not depend on how the producer batched its rows or where a crash cut the stream. Pass 2 permutes each
+bucket in memory with a generator seeded by (seed, bucket); the store is the buckets' permuted rows, bucket
+after bucket. Independent uniform buckets + a uniform permutation per bucket = a uniform permutation of all
+rows (Rao 1961; Sandelius 1962). A bucket too large for memory is itself scattered to sub-buckets and
 shuffled the same way, recursively, so memory stays bounded whatever the bucket sizes turn out to be.
+
+Pass 2 is random access: :func:`bucket_rows` gives any range of one bucket's shuffled rows, so the writer
+can cut the store into shards and write them in any order, in parallel (``stores/finalize.py``).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import numpy as np
 
 from saeforge.stores.hashing import bucket_of, salt_key
 from saeforge.stores.schema import Location
-from saeforge.stores.staging import Field, StagedFile, read_piece, write_staged
+from saeforge.stores.staging import Field, StagedFile, write_staged
 
 
 class ShuffleContext(NamedTuple):
@@ -27,7 +30,21 @@ class ShuffleContext(NamedTuple):
     bucket_max_rows: int
     """Largest bucket permuted in memory; larger ones recurse."""
     scratch: str
-    """Directory for sub-bucket files (rewritten from scratch after a crash)."""
+    """Directory for sub-bucket files (rewritten from scratch after a crash); one per concurrent reader."""
+
+
+class Piece(NamedTuple):
+    """The rows of one bucket in one staged file: the file and their count, without the file's other counts
+    (a task that reads a few buckets carries a few numbers per file, not the whole count table)."""
+
+    path: str
+    n_buckets: int
+    """Length of the file's header of counts."""
+    n_rows: int
+    """Rows in the file (every field's block has this many)."""
+    start: int
+    """Rows of the file before this bucket's."""
+    count: int
 
 
 class Stager:
@@ -67,52 +84,86 @@ class Stager:
             self.on_flush(sf)
 
 
-def read_bucket(ctx: ShuffleContext, files: list[StagedFile], bucket: int) -> dict:
-    """All rows of one bucket, in stream order, one array per field."""
-    size = sum(int(f.counts[bucket]) for f in files)
+def bucket_starts(files: list[StagedFile]) -> np.ndarray:
+    """(files, buckets): rows of each file before each bucket's (the offsets ``pieces_of`` needs)."""
+    counts = np.array([f.counts for f in files], np.int64).reshape(len(files), -1)
+    return np.cumsum(counts, axis=1) - counts
+
+
+def pieces_of(files: list[StagedFile], bucket: int, starts: np.ndarray) -> list[Piece]:
+    """Where one bucket's rows are, file by file (stream order); ``starts`` is ``bucket_starts(files)``."""
+    return [Piece(f.path, len(f.counts), f.n_rows, int(starts[i, bucket]), int(f.counts[bucket]))
+            for i, f in enumerate(files) if f.counts[bucket]]
+
+
+def read_bucket(ctx: ShuffleContext, pieces: list[Piece]) -> dict:
+    """All rows of one bucket, in stream order, one array per field (read straight into them)."""
+    size = sum(p.count for p in pieces)
     out = {f.name: np.empty((size, *f.tail), f.dtype) for f in ctx.fields}
     at = 0
-    for sf in files:
-        n = int(sf.counts[bucket])
-        if n:
-            piece = read_piece(ctx.loc, sf, ctx.fields, bucket)
-            for name, arr in piece.items():
-                out[name][at : at + n] = arr
-            at += n
+    for p in pieces:
+        read_rows_into(ctx, p, {name: arr[at : at + p.count] for name, arr in out.items()})
+        at += p.count
     return out
 
 
-def iter_shuffled(ctx: ShuffleContext, files: list[StagedFile], n_buckets: int, salt: tuple[int, ...],
-                  skip: int = 0) -> Iterator[dict]:
-    """Yield the shuffled rows, bucket by bucket, after skipping the first ``skip`` of them."""
-    sizes = np.zeros(n_buckets, np.int64)
-    for sf in files:
-        sizes += sf.counts
-    start = 0
-    for b in range(n_buckets):
-        size, local_skip = int(sizes[b]), max(0, skip - start)
-        start += size
-        if size == 0 or local_skip >= size:
-            continue
-        if size <= ctx.bucket_max_rows:
-            data = read_bucket(ctx, files, b)
-            perm = np.random.default_rng([ctx.seed, *salt, b]).permutation(size)[local_skip:]
-            yield {k: v[perm] for k, v in data.items()}
-        else:
-            yield from _recurse(ctx, files, b, size, (*salt, b), local_skip)
+def read_rows(ctx: ShuffleContext, p: Piece) -> dict:
+    """One piece's rows, for every field."""
+    out = {f.name: np.empty((p.count, *f.tail), f.dtype) for f in ctx.fields}
+    read_rows_into(ctx, p, out)
+    return out
 
 
-def _recurse(ctx: ShuffleContext, files, bucket: int, size: int, salt: tuple[int, ...], skip: int):
-    """Shuffle one oversized bucket by scattering it to sub-buckets on disk."""
+def read_rows_into(ctx: ShuffleContext, p: Piece, out: dict) -> None:
+    """Read one piece's rows into ``out[field]`` (contiguous arrays of ``p.count`` rows). The layout is
+    ``staging.py``'s: a header of ``n_buckets`` int64 counts, then each field's ``n_rows`` rows sorted by
+    bucket (``staging.read_piece`` reads the same bytes)."""
+    base = 8 * p.n_buckets
+    opener = open if ctx.loc.is_local else ctx.loc.fs.open
+    with opener(p.path, "rb") as f:
+        for fld in ctx.fields:
+            f.seek(base + p.start * fld.row_bytes)
+            view = memoryview(out[fld.name].reshape(-1).view(np.uint8))
+            if f.readinto(view) != len(view):
+                raise OSError(f"{p.path}: staged file is shorter than its counts say")
+            base += p.n_rows * fld.row_bytes
+
+
+Segment = tuple[dict, np.ndarray]
+"""(rows, index): the shuffled rows are ``rows[field][index]``, in store order."""
+
+
+def bucket_rows(ctx: ShuffleContext, pieces: list[Piece], salt: tuple[int, ...], lo: int, hi: int
+                ) -> Iterator[Segment]:
+    """Rows [lo, hi) of one bucket's shuffled order. ``salt``: the bucket's path, ``(0, bucket)`` for a bucket
+    of pass 1, one more entry per level of recursion; its permutation is ``default_rng([seed, *salt])``.
+    Holds one bucket (at most ``bucket_max_rows`` rows) in memory at a time."""
+    size = sum(p.count for p in pieces)
+    if size <= ctx.bucket_max_rows:
+        data = read_bucket(ctx, pieces)
+        perm = np.random.default_rng([ctx.seed, *salt]).permutation(size)
+        yield data, perm[lo:hi]
+    else:
+        yield from _recurse(ctx, pieces, size, salt, lo, hi)
+
+
+def _recurse(ctx: ShuffleContext, pieces: list[Piece], size: int, salt: tuple[int, ...], lo: int, hi: int):
+    """Shuffle one oversized bucket by scattering it to sub-buckets on disk (the whole bucket: the
+    sub-buckets' sizes decide where row ``lo`` is)."""
     n_sub = max(2, -(-2 * size // ctx.bucket_max_rows))
     directory = f"{ctx.scratch}/{'_'.join(map(str, salt))}"
     ctx.loc.fs.makedirs(directory, exist_ok=True)
-    stager = Stager(ctx, directory, n_sub, salt)
-    for sf in files:
-        if sf.counts[bucket]:
-            stager.add(read_piece(ctx.loc, sf, ctx.fields, bucket))
-    stager.flush()
     try:
-        yield from iter_shuffled(ctx, stager.files, n_sub, salt, skip)
+        stager = Stager(ctx, directory, n_sub, salt)
+        for p in pieces:
+            stager.add(read_rows(ctx, p))
+        stager.flush()
+        starts, at = bucket_starts(stager.files), 0
+        for sub in range(n_sub):
+            sub_pieces = pieces_of(stager.files, sub, starts)
+            n = sum(p.count for p in sub_pieces)
+            if max(lo, at) < min(hi, at + n):
+                yield from bucket_rows(ctx, sub_pieces, (*salt, sub), max(lo, at) - at, min(hi, at + n) - at)
+            at += n
     finally:
         ctx.loc.fs.rm(directory, recursive=True)

@@ -1,32 +1,31 @@
 """StoreWriter: rows in arrival order in, a globally shuffled, compressed, crash-safe store out.
 
 Life of a store: ``staging`` (rows scattered to bucket files under ``.saeforge/stage``; each flush is
-committed by atomically replacing ``.saeforge/progress.json``) -> ``writing`` (buckets permuted and
-written shard by shard; each shard committed the same way, with the float64 statistics accumulated so
-far) -> completion record in the group attributes, written last. A run killed at any point and reopened
-with the same config resumes from the last commit; the producer skips ``rows_staged`` rows. What a kill leaves
-(temporary files, the state folder of a complete store) is the writer's own (``tidy.py``); a full disk is a
-``DiskFull`` saying how much room the store needs, and rerunning resumes.
+committed by atomically replacing ``.saeforge/progress.json``) -> ``writing`` (buckets permuted and written
+shard by shard, by shard tasks in this process or in parallel: ``finalize.py``; each shard committed by a
+record of its own holding its float64 statistics) -> completion record in the group attributes, written
+last. A run killed at any point and reopened with the same config resumes from the last commit; the
+producer skips ``rows_staged`` rows. What a kill leaves (temporary files, the state folder of a complete
+store) is the writer's own (``tidy.py``); a full disk is a ``DiskFull`` saying how much room the store
+needs, and rerunning resumes.
 """
 from __future__ import annotations
 
 import errno
 import shutil
+from concurrent.futures import Executor
 from contextlib import contextmanager
 
-import numpy as np
-
-from saeforge.stores import schema
+from saeforge.stores import finalize, schema
 from saeforge.stores.attrs import FORMAT_KEY, StoreAttrs, parse_attrs, read_group_attrs, write_group_attrs
 from saeforge.stores.errors import DiskFull, SchemaMismatch, StoreError
 from saeforge.stores.files import read_json, write_json_atomic
 from saeforge.stores.lock import acquire_lock, release_lock
 from saeforge.stores.progress import progress_bar
-from saeforge.stores.shuffle import ShuffleContext, Stager, iter_shuffled
+from saeforge.stores.shuffle import ShuffleContext, Stager
 from saeforge.stores.spec import WriterSpec, create_arrays
-from saeforge.stores.staging import read_counts
+from saeforge.stores.staging import StagedFile, read_counts
 from saeforge.stores.tasks import TASKS_DIR, TaskManifest
-from saeforge.stores.stats import StatsAccumulator
 from saeforge.stores.tidy import foreign_names, remove_temps, tidy_complete
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
@@ -37,18 +36,22 @@ class StoreWriter:
 
     ``rows_staged``: rows an interrupted earlier run already committed; regenerate the same stream and
     skip that many rows before appending. Use as a context manager: an exception leaves the store
-    incomplete and resumable, never complete.
+    incomplete and resumable, never complete. ``finalize_workers`` and ``finalize_executor`` say what runs
+    the second pass (``finalize.FinalizeOptions``); the store's bytes do not depend on them.
     """
 
     def __init__(self, path_or_url, hooks: dict[str, int], dtype: str = "bfloat16", seed: int = 0,
                  expected_rows: int | None = None, provenance: dict | None = None,
                  memory_limit_bytes: int = 1 << 30, chunk_rows: int | None = None,
                  shard_chunks: int = schema.SHARD_CHUNKS, progress: bool = False,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, finalize_workers: int | None = None,
+                 finalize_executor: str | None = None):
+        self.finalize = finalize.FinalizeOptions(workers=finalize_workers, executor=finalize_executor)
         self.spec = WriterSpec.build(hooks=hooks, dtype=dtype, seed=seed, expected_rows=expected_rows,
                                      provenance=provenance or {}, memory_limit_bytes=memory_limit_bytes,
                                      chunk_rows=chunk_rows, shard_chunks=shard_chunks)
         self.loc = schema.locate(path_or_url, storage_options)
+        self.finalize.resolved(self.loc)  # refuse a pool that cannot write there before writing anything
         self.progress_bar = progress
         self._state_dir = self.loc.sub(schema.STATE_DIR)
         self._lock = f"{self._state_dir}/lock"
@@ -203,8 +206,12 @@ class StoreWriter:
             self._stager.add(data)
 
     # --- finishing -----------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Flush, shuffle, write the final arrays and statistics, then the completion record (last)."""
+    def close(self, executor: Executor | None = None) -> None:
+        """Flush, shuffle, write the final arrays and statistics, then the completion record (last).
+
+        ``executor``: any ``concurrent.futures.Executor`` (a dask ``Client.get_executor()``) to run the shard
+        tasks on, at most ``finalize_workers`` at a time; None: this process or a local pool.
+        """
         if self._closed:
             return
         try:
@@ -212,8 +219,7 @@ class StoreWriter:
                 if self._progress["phase"] == "staging":
                     self._stager.flush()
                     self._start_writing()
-                if self._progress["rows_written"] < self._progress["n_rows"]:
-                    self._write_rows()
+                self._write_rows(executor)
                 self._complete()
         finally:
             self._closed = True
@@ -237,9 +243,9 @@ class StoreWriter:
     def __exit__(self, exc_type, exc, tb):
         self.abort() if exc_type else self.close()
 
-    def _staged_files(self):
+    def _staged_files(self) -> list[StagedFile]:
         """Every staged file, in stream order: this writer's own (a prefix of the stream), then the files of
-        the tasks a distributed producer staged (``adopt_tasks``)."""
+        the tasks a distributed producer staged (``adopt_tasks``). The input of the second pass."""
         own = [read_counts(self.loc, f"{self._state_dir}/stage/f{i:07d}.bin", self.spec.n_buckets)
                for i in range(self._progress["n_files"])]
         plan = self._progress.get("tasks") or {}
@@ -283,47 +289,34 @@ class StoreWriter:
         if n_rows == 0:
             raise StoreError(f"{self.loc.url}: no rows were appended; nothing to write")
         create_arrays(self.loc, self.spec, n_rows)
-        acc = StatsAccumulator.empty(self.spec.hooks)
-        self._progress.update(phase="writing", n_rows=n_rows, rows_written=0, stats_acc=acc.to_json())
+        self._progress.update(phase="writing", n_rows=n_rows, rows_written=0)
         self._commit()
 
-    def _write_rows(self) -> None:
-        import zarr
+    def _job(self) -> finalize.FinalizeJob:
+        return finalize.FinalizeJob(self.loc, self.spec, self._progress["n_rows"], self._state_dir)
 
-        p, spec = self._progress, self.spec
-        group = zarr.open_group(self.loc.zarr_store(), mode="r+")
-        # every chunk is written, even one equal to the fill value: a reader then knows that a chunk file
-        # or shard-index entry that is not there is damage, never a chunk of zeros
-        arrays = {f.name: group[f.name].with_config({"write_empty_chunks": True}) for f in spec.fields()}
-        acc = StatsAccumulator.from_json(p["stats_acc"])
-        pending, n_pending = [], 0
-        stream = iter_shuffled(self._ctx(), self._staged_files(), spec.n_buckets, (0,), p["rows_written"])
+    def _write_rows(self, executor: Executor | None) -> None:
+        """Every shard without a commit record; ``rows_written`` in the progress record follows them (for
+        people and messages: the shard records are what counts)."""
+        p, job, fs = self._progress, self._job(), self.loc.fs
+        p.pop("stats_acc", None)  # the running sums of writers before shard records
+        if fs.exists(f"{self._state_dir}/{finalize.SCRATCH}"):  # what killed tasks left
+            fs.rm(f"{self._state_dir}/{finalize.SCRATCH}", recursive=True)
+        fs.makedirs(f"{self._state_dir}/{finalize.SHARDS}", exist_ok=True)
+        p["rows_written"] = sum(job.size_of(k) for k in finalize.committed_shards(job))
+        self._commit()
         with progress_bar(p["n_rows"], initial=p["rows_written"], desc="shuffle+write", unit="row",
                           enabled=self.progress_bar) as bar:
-            for block in stream:
-                pending.append(block)
-                n_pending += len(block["token_ids"])
-                while n_pending >= spec.shard_rows or (n_pending and p["rows_written"] + n_pending == p["n_rows"]):
-                    take = min(n_pending, spec.shard_rows)
-                    shard = _take_rows(pending, take)
-                    n_pending -= take
-                    self._write_shard(arrays, shard, acc, take)
-                    bar.update(take)
-        if p["rows_written"] != p["n_rows"]:
-            raise StoreError(f"{self.loc.url}: wrote {p['rows_written']} of {p['n_rows']} rows; staging is damaged")
+            def on_rows(n: int) -> None:
+                bar.update(n)
+                p["rows_written"] += n
+                self._commit()
 
-    def _write_shard(self, arrays, shard, acc, take) -> None:
-        p = self._progress
-        lo = p["rows_written"]
-        for name, arr in arrays.items():
-            arr[lo : lo + take] = shard[name]
-        acc.add({h: shard[h] for h in self.spec.hooks}, self.spec.dtype)
-        p.update(rows_written=lo + take, stats_acc=acc.to_json())
-        self._commit()
+            finalize.run(job, self._staged_files(), self.finalize, executor, on_rows)
 
     def _complete(self) -> None:
         p = self._progress
-        stats = StatsAccumulator.from_json(p["stats_acc"]).finish(self.spec.hooks, p["n_rows"])
+        stats = finalize.combined_stats(self._job()).finish(self.spec.hooks, p["n_rows"])
         self._remove_partial_files()
         if self.loc.fs.exists(f"{self._state_dir}/stage"):
             self.loc.fs.rm(f"{self._state_dir}/stage", recursive=True)
@@ -342,24 +335,6 @@ class StoreWriter:
         for name in self.spec.fields():
             for path in self.loc.fs.glob(self.loc.sub(name.name, "**", "*.partial")):
                 self.loc.fs.rm_file(path)
-
-
-def _take_rows(pending: list, n: int) -> dict:
-    """Remove the first ``n`` rows from a list of blocks; copies only what crosses block boundaries."""
-    parts, got = [], 0
-    while got < n:
-        block = pending[0]
-        size = len(block["token_ids"])
-        k = min(size, n - got)
-        parts.append({name: a[:k] for name, a in block.items()})
-        if k == size:
-            pending.pop(0)
-        else:
-            pending[0] = {name: a[k:] for name, a in block.items()}
-        got += k
-    if len(parts) == 1:
-        return parts[0]
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 def _size(n_bytes: float) -> str:

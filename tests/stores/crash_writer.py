@@ -1,11 +1,13 @@
 """A producer that test_crash.py kills with SIGKILL: deterministic stream, resumes by skipping rows_staged.
 
-    python crash_writer.py PATH [KILL_AT]
+    python crash_writer.py PATH [KILL_AT] [--workers N] [--executor threads|processes]
 Prints "started" once the writer is open, "staged" before close(); exits 0 when the store is complete.
+``--workers``/``--executor``: the writer's finalize_workers/finalize_executor (default 1: serial).
 KILL_AT makes it SIGKILL itself at a chosen point instead of at a random time:
 ``create`` (the first zarr.json written to its temporary file, not yet renamed), ``lock`` (the lock written to
-its temporary file, not yet linked), ``shard:K`` (in the write phase, the K-th shard of this run written but
-not yet committed), ``completed`` (just after the completion record).
+its temporary file, not yet linked), ``shard:K`` (in the write phase, the K-th shard that this process, or with
+``--executor processes`` one worker process, has written but not yet committed: the worker kills the writer and
+itself), ``completed`` (just after the completion record).
 """
 import os
 import signal
@@ -17,9 +19,12 @@ from saeforge.stores import StoreError, StoreWriter
 
 N, BATCH = 4000, 97
 HOOKS = {"blocks.0.hook_resid_post": 8, "blocks.0.hook_mlp_out": 4}
-SETTINGS = dict(dtype="bfloat16", seed=3, expected_rows=N // 2, memory_limit_bytes=48 << 10, chunk_rows=32,
+SETTINGS = dict(dtype="bfloat16", seed=3, expected_rows=N // 2, memory_limit_bytes=64 << 10, chunk_rows=32,
                 shard_chunks=4, provenance={"test": "crash"})
-"""expected_rows is half the truth, so many buckets overflow and take the recursive path too."""
+"""expected_rows is half the truth, so some buckets overflow and take the recursive path too; 32 shards, and
+memory for two shard tasks at a time (``finalize.max_tasks_in_memory``)."""
+KILL_ENV = "SAEFORGE_CRASH_KILL_AT"
+"""How a kill point reaches the finalize worker processes (they import this file as ``__mp_main__``)."""
 
 
 def batches():
@@ -34,7 +39,28 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def arm(kill_at: str) -> None:
+def kill_writer():
+    """In a finalize worker process: kill the writer that started it, then this worker."""
+    os.kill(os.getppid(), signal.SIGKILL)
+    die()
+
+
+def arm_shard(k: int, kill) -> None:
+    """``kill()`` at the k-th shard commit of this process: its rows are in the arrays, its record is not."""
+    from saeforge.stores import finalize
+
+    left, commit = [k], finalize.commit_shard
+
+    def commit_or_die(*args, **kw):
+        left[0] -= 1
+        if left[0] == 0:
+            kill()
+        commit(*args, **kw)
+
+    finalize.commit_shard = commit_or_die
+
+
+def arm(kill_at: str, executor: str) -> None:
     """Patch the writer's steps so that this process kills itself at ``kill_at``."""
     from saeforge.stores import writer
 
@@ -44,17 +70,10 @@ def arm(kill_at: str) -> None:
     elif kill_at == "lock":
         os.link = lambda src, dst: die()
     elif kill_at.startswith("shard:"):
-        left = [int(kill_at.split(":")[1])]
-        commit = writer.StoreWriter._commit
-
-        def commit_or_die(self):
-            if self._progress.get("phase") == "writing" and self._progress.get("rows_written"):
-                left[0] -= 1
-                if left[0] == 0:
-                    die()  # the shard's rows are in the arrays; the progress record does not say so yet
-            commit(self)
-
-        writer.StoreWriter._commit = commit_or_die
+        if executor == "processes":
+            os.environ[KILL_ENV] = kill_at  # armed in each worker when it imports this file
+        else:
+            arm_shard(int(kill_at.split(":")[1]), die)
     elif kill_at == "completed":
         write_attrs = writer.write_group_attrs
 
@@ -68,11 +87,11 @@ def arm(kill_at: str) -> None:
         raise SystemExit(f"unknown kill point {kill_at!r}")
 
 
-def main(path, kill_at=None):
+def main(path, kill_at=None, workers=1, executor="threads"):
     if kill_at:
-        arm(kill_at)
+        arm(kill_at, executor)
     try:
-        w = StoreWriter(path, HOOKS, **SETTINGS)
+        w = StoreWriter(path, HOOKS, **SETTINGS, finalize_workers=workers, finalize_executor=executor)
     except StoreError as e:
         if "already a complete store" in str(e):
             return 0
@@ -89,5 +108,20 @@ def main(path, kill_at=None):
     return 0
 
 
+def parse(argv: list[str]) -> dict:
+    opts = {"workers": 1, "executor": "threads"}
+    positional = []
+    while argv:
+        arg = argv.pop(0)
+        if arg in ("--workers", "--executor"):
+            opts[arg[2:]] = argv.pop(0)
+        else:
+            positional.append(arg)
+    opts["workers"] = int(opts["workers"])
+    return {"path": positional[0], "kill_at": positional[1] if len(positional) > 1 else None, **opts}
+
+
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
+    sys.exit(main(**parse(sys.argv[1:])))
+elif __name__ == "__mp_main__" and os.environ.get(KILL_ENV):  # a finalize worker process of an armed writer
+    arm_shard(int(os.environ[KILL_ENV].split(":")[1]), kill_writer)

@@ -1,4 +1,6 @@
-"""kill -9 a writer at random points (staging, shuffling, finalising); resuming gives a bit-identical store."""
+"""kill -9 a writer at random points (staging, shuffling, finalising), with its second pass serial or in a pool of
+threads or processes; resuming, with any number of workers, gives the store an uninterrupted serial run wrote,
+file for file."""
 from __future__ import annotations
 
 import os
@@ -19,10 +21,11 @@ KILLED_IN: list[str] = []
 """Writer phase found after each kill (staging / writing / complete), to check both passes got hit."""
 
 
-def run_writer(path, kill_after=None):
-    """Run the producer; ``kill_after`` seconds after it opened the writer, SIGKILL it. Returns
-    (exit code, seconds from "started" to "staged", seconds from "started" to exit)."""
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(path)], stdout=subprocess.PIPE, text=True)
+def run_writer(path, kill_after=None, *pool):
+    """Run the producer (``pool``: crash_writer's --workers/--executor options); ``kill_after`` seconds after it
+    opened the writer, SIGKILL it. Returns (exit code, seconds from "started" to "staged", seconds from
+    "started" to exit)."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(path), *pool], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     t0 = time.perf_counter()
     staged_s = None
@@ -52,8 +55,13 @@ def _phase(path: Path) -> str:
     return json.loads(progress.read_text())["phase"] if progress.exists() else "complete-or-not-started"
 
 
+THREADS = ("--workers", "2", "--executor", "threads")
+PROCESSES = ("--workers", "2", "--executor", "processes")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    """The store an uninterrupted serial writer makes (finalize_workers=1), and its timings."""
     path = tmp_path_factory.mktemp("crash") / "reference"
     rc, staged_s, total_s = run_writer(path)
     assert rc == 0
@@ -66,10 +74,11 @@ def test_kill9_at_random_points_then_resume_is_bit_identical(tmp_path, reference
     rng = random.Random(trial)
     # kill windows (seconds after the writer opened): during staging, early/late in the shuffle pass, anywhere
     lo, hi = [(0.0, staged_s), (staged_s, 0.6 * total_s), (0.5 * total_s, 1.1 * total_s), (0.0, 1.1 * total_s)][trial]
+    pools = [(), THREADS, PROCESSES]  # killed with one second pass, resumed with the next
     path = tmp_path / "store"
     kills = 0
-    for _ in range(4):
-        rc, *_ = run_writer(path, kill_after=rng.uniform(lo, hi))
+    for attempt in range(4):
+        rc, *_ = run_writer(path, rng.uniform(lo, hi), *pools[(trial + attempt) % 3])
         kills += rc == -signal.SIGKILL
         if rc == -signal.SIGKILL:
             KILLED_IN.append(_phase(path))
@@ -92,9 +101,9 @@ def test_kills_hit_both_the_staging_and_the_writing_pass():
     assert {"staging", "writing"} <= set(KILLED_IN), KILLED_IN
 
 
-def run_until(path, kill_at: str) -> int:
+def run_until(path, kill_at: str, *pool) -> int:
     """Run the producer armed to SIGKILL itself at ``kill_at`` (crash_writer.arm); its exit code."""
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(path), kill_at], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(path), kill_at, *pool], stdout=subprocess.PIPE, text=True)
     return proc.returncode
 
 
@@ -113,14 +122,27 @@ def assert_same_store(path: Path, ref_path: Path) -> None:
     assert verify_store(path).ok
 
 
-def test_killed_twice_while_finalizing_then_resumed_is_bit_identical(tmp_path, reference):
+def committed(path: Path) -> set[int]:
+    """The shards with a commit record."""
+    return {int(p.stem[1:]) for p in (path / STATE_DIR / "shards").glob("s*.json")}
+
+
+def rows_in(shards: set[int]) -> int:
+    return sum(min(128, 4000 - 128 * k) for k in shards)  # 32 shards of 128 rows, the last one of 32
+
+
+@pytest.mark.parametrize("first, second", [((), THREADS), (THREADS, PROCESSES), (PROCESSES, ())],
+                         ids=["serial-then-threads", "threads-then-processes", "processes-then-serial"])
+def test_killed_twice_while_finalizing_then_resumed_is_bit_identical(tmp_path, reference, first, second):
     path = tmp_path / "store"
-    assert run_until(path, "shard:3") == -signal.SIGKILL
-    first = progress(path)
-    assert first["phase"] == "writing" and 0 < first["rows_written"] < first["n_rows"]
-    assert run_until(path, "shard:2") == -signal.SIGKILL  # resumed in the write phase, killed again
-    second = progress(path)
-    assert second["phase"] == "writing" and first["rows_written"] < second["rows_written"] < second["n_rows"]
+    assert run_until(path, "shard:3", *first) == -signal.SIGKILL
+    assert progress(path)["phase"] == "writing"
+    done = committed(path)
+    assert 2 <= len(done) < 32  # this run's first two shards (and a pool's others) committed; not its third
+    assert run_until(path, "shard:2", *second) == -signal.SIGKILL  # resumed in the write phase, killed again
+    again = committed(path)
+    assert progress(path)["phase"] == "writing" and done < again and len(again) < 32
+    assert rows_in(done) <= progress(path)["rows_written"] <= rows_in(again)  # a pool's count may lag its records
     assert run_writer(path)[0] == 0
     assert_same_store(path, reference[0])
 

@@ -9,13 +9,13 @@ such as `{"step": s, "event": "resample", "features": n}`) goes to that SAE's on
 
 `JsonlSink` is metrics.jsonl; `WandbSink` and `TensorBoardSink` log the same rows, with the same step numbers, to
 one tracker run per SAE (a sweep of K SAEs: K wandb runs in one group, K TensorBoard folders) whose config is the
-run record cfg.json holds under `saeforge`. An event line's numbers are logged as `<event>/<key>`
+run's record (what identifies it: cfg.json's `saeforge` entry, as `run.run_record` makes it). An event line's numbers are logged as `<event>/<key>`
 (`resample/features`). The trackers' packages are imported only when asked for; `check_trackers` refuses a missing
 one before anything is written.
 
 Resuming: TensorBoard's writer starts with `purge_step`, so the events a killed run logged after its checkpoint are
 dropped and logged again, like metrics.jsonl's lines. wandb cannot rewrite a run's history: the resumed run
-continues the same wandb run (`resume="allow"`, its id kept in `<run>/wandb.json` with the last step sent) and skips
+continues the same wandb run (`resume="allow"`, its id kept in `<run>/wandb.jsonl` with the steps sent) and skips
 the rows wandb already has.
 """
 from __future__ import annotations
@@ -28,13 +28,13 @@ import string
 from pathlib import Path
 from typing import Protocol
 
-from saeforge.stores.files import write_atomic
 from saeforge.trainer import rundir
 from saeforge.trainer.config import TrainConfig
-from saeforge.trainer.errors import ConfigError
+from saeforge.trainer.errors import ConfigError, RunCorrupt
 
-WANDB_FILE = "wandb.json"
-"""In a run directory: {"id": the wandb run id, "step": the last step sent, "sent": the rows sent at that step}."""
+WANDB_FILE = "wandb.jsonl"
+"""In a run directory: {"id": the wandb run id} on its first line, then {"step": s, "row": "metrics" or the event}
+for every row sent to that run."""
 TENSORBOARD_DIR = "tensorboard"
 """The TensorBoard event folder inside a run directory (when `TrainConfig.log_dir` is None)."""
 TRACKER_MODULES = {"wandb": "wandb", "tensorboard": "torch.utils.tensorboard"}
@@ -105,36 +105,58 @@ class TensorBoardSink:
 
 
 class WandbSink:
-    """One wandb run per SAE, resumed across sessions through the id in `<run>/wandb.json`."""
+    """One wandb run per SAE, resumed across sessions through the id in `<run>/wandb.jsonl`."""
 
     def __init__(self, run_dir: Path, config: dict, *, project: str, group: str | None, log_dir: str | None,
                  system_metrics: bool):
         import wandb
 
-        self.state_path = run_dir / WANDB_FILE
-        self.state = (rundir.read_json_object(self.state_path) if self.state_path.is_file()
-                      else {"id": new_wandb_id(), "step": -1, "sent": []})
+        self.path = run_dir / WANDB_FILE
+        run_id, self.sent_step, self.sent_rows = read_wandb_file(self.path)
+        if self.path.is_file() and not self.path.read_bytes().endswith(b"\n"):
+            with open(self.path, "a") as fh:  # end the line a kill cut short: the next entry gets a line of its own
+                fh.write("\n")
+        if run_id is None:  # written before init: a session killed during init resumes the same id
+            run_id = new_wandb_id()
+            self._append({"id": run_id})
         settings = wandb.Settings(console="off", quiet=True, x_disable_stats=not system_metrics)
-        self.run = wandb.init(project=project, id=self.state["id"], name=run_dir.name, group=group, resume="allow",
+        self.run = wandb.init(project=project, id=run_id, name=run_dir.name, group=group, resume="allow",
                               reinit="create_new", settings=settings, **({"dir": log_dir} if log_dir else {}))
         self.run.config.update(config, allow_val_change=True)  # a resumed run may have changed `steps`
-        self._save()
 
-    def _save(self) -> None:
-        write_atomic(self.state_path, json.dumps(self.state))
+    def _append(self, entry: dict) -> None:
+        with open(self.path, "a") as fh:  # appended, not rewritten: a few microseconds per row
+            fh.write(json.dumps(entry) + "\n")
 
     def log(self, row: dict) -> None:
         step, values = scalars(row)
         kind = row.get("event", "metrics")
-        if step < self.state["step"] or (step == self.state["step"] and kind in self.state["sent"]):
-            return  # sent before the run was interrupted and resumed from an earlier checkpoint
+        if step < self.sent_step or (step == self.sent_step and kind in self.sent_rows):
+            return  # an earlier session sent it, then stopped after the checkpoint this session resumed from
         self.run.log(values, step=step)
-        sent = self.state["sent"] if step == self.state["step"] else []
-        self.state.update(step=step, sent=[*sent, kind])
-        self._save()
+        self._append({"step": step, "row": kind})
 
     def close(self, ok: bool = True) -> None:
         self.run.finish(exit_code=0 if ok else 1)
+
+
+def read_wandb_file(path: Path) -> tuple[str | None, int, set[str]]:
+    """(wandb run id, last step sent, the rows sent at that step) from a run's wandb.jsonl; (None, -1, {}) when
+    there is none. A last line cut short by a kill is left out (that row is sent again)."""
+    entries = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    if not entries:
+        return None, -1, set()
+    if not isinstance(entries[0], dict) or not isinstance(entries[0].get("id"), str):
+        raise RunCorrupt(f"{path}: its first line should hold the wandb run id; move the file away (the next run "
+                         "starts a new wandb run)")
+    sent = [e for e in entries[1:] if isinstance(e, dict) and "step" in e]
+    last = sent[-1]["step"] if sent else -1
+    return entries[0]["id"], last, {e["row"] for e in sent if e["step"] == last}
 
 
 def new_wandb_id() -> str:
@@ -153,14 +175,13 @@ class FanOut:
             sink.log(row)
 
     def close(self, ok: bool = True) -> None:
-        for sink in self.sinks:
-            sink.close(ok)
+        close_sinks(self.sinks, ok)
 
 
 def open_sinks(train: TrainConfig, run_dirs: list[Path], records: list[dict], *, step: int,
                group: str | None = None) -> list[FanOut]:
     """One sink per run directory (sweep order) for a session that starts after `step`. `records`: each run's
-    record (cfg.json's `saeforge` entry), logged as its tracker config; `group`: a sweep's name. A tracker that
+    record (`run.run_record`), logged as its tracker config; `group`: a sweep's name. A tracker that
     cannot start is a ConfigError naming it (the sinks opened so far are closed)."""
     out: list[FanOut] = []
     for i, (run_dir, record) in enumerate(zip(run_dirs, records)):

@@ -13,7 +13,7 @@ import torch
 
 from saeforge.trainer import run as run_module
 from saeforge.trainer.config import SAEConfig
-from saeforge.trainer.loggers import TENSORBOARD_DIR, WANDB_FILE, scalars
+from saeforge.trainer.loggers import TENSORBOARD_DIR, WANDB_FILE, WandbSink, read_wandb_file, scalars
 from saeforge.trainer.rundir import read_metrics, read_record
 from saeforge.trainer.run import train_from_store
 from tests.trainer.test_bad_input import common, invoke, one_error_line
@@ -155,7 +155,7 @@ def test_each_sae_of_a_sweep_gets_one_wandb_and_one_tensorboard_run_with_its_met
     runs = wandb_runs(wandb_offline)
     assert len(runs) == 2
     for run_dir in run_dirs:
-        run = runs[json.loads((run_dir / WANDB_FILE).read_text())["id"]]
+        run = runs[json.loads((run_dir / WANDB_FILE).read_text().splitlines()[0])["id"]]
         assert (run["name"], run["group"], run["sessions"]) == (run_dir.name, "sw", 1)
         assert run["config"] == run_record(run_dir) and run["config"]["sae"]["seed"] in (1, 3)
         np.testing.assert_equal(run["history"], expected_by_step(run_dir))  # exact float64, NaN equal to NaN
@@ -184,6 +184,21 @@ def test_a_resumed_run_continues_its_tracker_runs_without_logging_a_step_twice(s
     np.testing.assert_equal(got, expected_by_step(out, drop=TIMING))  # step 25 as first sent: same values on CPU
     assert_tensorboard_matches(out, logs / "run")  # the killed session's step 25 is purged and logged again
     assert not (out / TENSORBOARD_DIR).exists()
+
+
+def test_a_wandb_file_cut_short_by_a_kill_resends_only_the_row_it_lost(tmp_path, wandb_offline):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / WANDB_FILE).write_text('{"id": "abc12345"}\n{"step": 5, "row": "metrics"}\n'
+                                      '{"step": 10, "row": "resample"}\n{"step": 10, "ro')
+    assert read_wandb_file(run_dir / WANDB_FILE) == ("abc12345", 10, {"resample"})
+    sink = WandbSink(run_dir, {"a": 1}, project="p", group=None, log_dir=None, system_metrics=False)
+    for row in ({"step": 5, "loss": 1.0}, {"step": 10, "event": "resample", "features": 3}, {"step": 10, "loss": 2.0}):
+        sink.log(row)
+    sink.close()
+    assert read_wandb_file(run_dir / WANDB_FILE) == ("abc12345", 10, {"resample", "metrics"})  # on a line of its own
+    (run,) = wandb_runs(wandb_offline).values()
+    assert run["history"] == [(10, {"loss": 2.0})] and run["config"] == {"a": 1}
 
 
 def test_a_missing_tracker_package_is_one_line_naming_the_extra_before_anything_is_written(store, tmp_path,

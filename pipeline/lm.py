@@ -12,8 +12,8 @@ Model specs accepted by :func:`load_lm`:
 - a Hugging Face hub name (where the hub is reachable).
 
 A GGUF model is dequantised once (~30 s for SmolLM2) and cached with ``save_pretrained`` under
-``$SAEFORGE_CACHE`` (default ``~/.cache/saeforge``), keyed by the file's sha256; later loads take a
-second or two and never touch the hub, because the bridge is booted from that local directory.
+``$SAEFORGE_CACHE`` (default ``~/.cache/saeforge``), keyed by the file's sha256 and transformers' major version;
+later loads take a second or two and never touch the hub, because the bridge is booted from that local directory.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import importlib.metadata
 import logging
 import os
 import shutil
+import struct
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,21 @@ SITES = {
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+
+def _tl_major() -> int:
+    try:
+        return int(importlib.metadata.version("transformer-lens").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return 0
+
+
+# TransformerLens 3.0-3.9 vs 4.x, the one difference saeforge meets (everything else used here -- boot_transformers
+# with hf_model=/tokenizer=, hook_dict, run_with_hooks and run_with_cache with stop_at_layer -- is the same API).
+# TL 4 resumes a forward from a residual: `forward(resid, start_at_layer=k)` feeds it as inputs_embeds and block k
+# swaps it in for its input. TL 3's TransformerBridge raises NotImplementedError for start_at_layer; there block k's
+# `hook_in` returns the residual instead, on a forward over the token ids (the embedding lookup is the only extra
+# work). That path is also correct on TL 4, so a version string it cannot parse (a source checkout) is harmless.
+RESUME_BY_START_AT_LAYER = _tl_major() >= 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,7 +167,10 @@ def _dequantised_dir(gguf: Path, hf_name: str | None) -> tuple[Path, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sha = file_sha256(gguf)
-    target = cache_dir() / "models" / f"{gguf.stem}-{sha[:16]}"
+    # Keyed by transformers' major version too: a directory saved by transformers 5 names a tokenizer class
+    # (TokenizersBackend) that 4.x cannot load, and venvs of both (e.g. one beside SAELens) share this cache.
+    tf_major = importlib.metadata.version("transformers").split(".")[0]
+    target = cache_dir() / "models" / f"{gguf.stem}-{sha[:16]}-tf{tf_major}"
     if (target / "config.json").exists():
         return target, sha
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -159,7 +178,7 @@ def _dequantised_dir(gguf: Path, hf_name: str | None) -> tuple[Path, str]:
         with held_logs():
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except (OSError, ValueError) as e:  # transformers: a truncated file, an architecture it cannot dequantise
+    except (OSError, ValueError, struct.error) as e:  # not GGUF, a truncated file, an architecture it cannot read
         raise ModelLoadError(f"GGUF file {gguf} could not be loaded: {str(e).splitlines()[0]}") from None
     if hf_name:
         model.config.name_or_path = hf_name
@@ -317,6 +336,17 @@ def capture(lm: LoadedLM, token_ids: torch.Tensor, hooks: list[str],
     if missing:
         raise HookError(f"hooks {missing} did not fire during the forward pass")
     return out
+
+
+def resume_forward(bridge, resid_BPD: torch.Tensor, start: int, *, token_ids: torch.Tensor,
+                   fwd_hooks: list | tuple = ()) -> torch.Tensor:
+    """Logits of a forward that enters block ``start`` with ``resid_BPD`` (batch, pos, d_model) in place of the
+    residual; ``token_ids`` (batch, pos) are the window's tokens. Blocks before ``start`` still run unless the
+    caller skips them (``splice.skip_blocks``); their output is discarded either way."""
+    if RESUME_BY_START_AT_LAYER:
+        return bridge.run_with_hooks(resid_BPD, fwd_hooks=list(fwd_hooks), start_at_layer=start)
+    inject = (f"blocks.{start}.hook_in", lambda act, hook: resid_BPD.to(act.dtype))
+    return bridge.run_with_hooks(token_ids, fwd_hooks=[inject, *fwd_hooks])
 
 
 def hook_dims(lm: LoadedLM, hooks: list[str]) -> dict[str, int]:

@@ -8,6 +8,7 @@ the Gated SAE's shared W_gate; `metadata.hook_name`); saeforge's own record sits
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,7 +24,9 @@ from saeforge.trainer.rundir import CFG_FILE, WEIGHTS_FILE, read_cfg
 from saeforge.trainer.sae import SAE, GatedSAE, make_sae, unstack
 
 SAELENS_ARCH = {"baseline": "standard", "gated": "gated"}
-# SAELens v6 reads configs whose metadata carries a 6.x version as-is (older ones go through a converter).
+# SAELens v6 reads configs whose metadata carries a 6.x `sae_lens_version` as-is (older ones go through a
+# converter): it names the file format. `sae_lens_training_version` says who trained the SAE, so it is null (an
+# absent key would be filled with the loading SAELens's own version: sae_lens/saes/sae.py, SAEMetadata).
 SAELENS_FORMAT_VERSION = "6.0.0"
 
 
@@ -51,6 +54,14 @@ def saelens_state_dict(sae: SAE) -> dict[str, torch.Tensor]:
     return state
 
 
+def _saeforge_version() -> str | None:
+    """Who trained the SAE (cfg.json `saeforge.saeforge_version`; `metadata.sae_lens_training_version` is null)."""
+    try:
+        return importlib.metadata.version("saeforge")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return None
+
+
 def cfg_json(sae: SAE, *, hook_name: str, model_name: str | None = None, store: str | None = None,
              provenance: dict | None = None, saeforge: dict | None = None) -> dict[str, Any]:
     arch = SAELENS_ARCH[sae.architecture]
@@ -60,11 +71,11 @@ def cfg_json(sae: SAE, *, hook_name: str, model_name: str | None = None, store: 
     metadata = {"model_name": model_name, "hook_name": hook_name, "hook_layer": hook_layer(hook_name),
                 "context_size": prov.get("context_size"), "prepend_bos": prov.get("prepend_bos"),
                 "dataset_path": store, "sae_lens_version": SAELENS_FORMAT_VERSION,
-                "sae_lens_training_version": SAELENS_FORMAT_VERSION}
+                "sae_lens_training_version": None}
     return {"architecture": arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
             "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
             "model_name": model_name, "hook_name": hook_name, "metadata": metadata,
-            "saeforge": {**(saeforge or {}), "store": store}}
+            "saeforge": {**(saeforge or {}), "store": store, "saeforge_version": _saeforge_version()}}
 
 
 def save_sae(sae: SAE, run_dir: str | Path, *, hook_name: str, normaliser: Normaliser | None = None,

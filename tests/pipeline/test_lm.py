@@ -1,8 +1,13 @@
-"""pipeline.lm on the tiny Llama: loading, hook resolution, and the one-pass capture."""
+"""pipeline.lm on the tiny Llama: loading, hook resolution, the one-pass capture, and resuming a forward at a block
+on both transformer-lens majors."""
+import importlib.metadata
+
 import pytest
 import torch
 
+from saeforge.pipeline import lm as L
 from saeforge.pipeline.lm import HookError, ModelLoadError, capture, hook_dims, load_lm, resolve_hooks, stop_layer
+from saeforge.pipeline.splice import skip_blocks
 
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out",
          "blocks.1.hook_attn_out", "blocks.1.attn.hook_z"]
@@ -42,6 +47,15 @@ def test_load_lm_turns_an_unreadable_config_into_a_model_load_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
     with pytest.raises(ModelLoadError, match="could not be loaded"):
         load_lm(str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize("content", [b"not a GGUF file", b"GGUF\x03\x00\x00\x00\x01"], ids=["not_gguf", "truncated"])
+def test_load_lm_turns_a_bad_gguf_file_into_a_model_load_error(tmp_path, monkeypatch, content):
+    monkeypatch.setenv("SAEFORGE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "bad.gguf").write_bytes(content)
+    with pytest.raises(ModelLoadError, match="bad.gguf could not be loaded"):
+        load_lm(str(tmp_path / "bad.gguf"), device="cpu")
+    assert not list((tmp_path / "cache" / "models").glob("*"))  # nothing half-written is left to be reused
 
 
 def test_stop_layer_is_the_deepest_block_plus_one_or_none_outside_blocks():
@@ -99,3 +113,43 @@ def test_hook_dims_and_bf16_compute(tiny_model_dir):
     assert hook_dims(lm16, HOOKS) == {h: 64 for h in HOOKS}
     acts = capture(lm16, torch.randint(4, 300, (1, 5)), ["blocks.0.hook_resid_post"])
     assert acts["blocks.0.hook_resid_post"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("by_start_at_layer", [True, False], ids=["start_at_layer", "hook_in"])
+def test_resume_forward_equals_a_full_forward_with_the_residual_replaced(lm, monkeypatch, by_start_at_layer):
+    if by_start_at_layer and not L.RESUME_BY_START_AT_LAYER:
+        pytest.skip("transformer-lens 3's TransformerBridge has no start_at_layer")
+    monkeypatch.setattr(L, "RESUME_BY_START_AT_LAYER", by_start_at_layer)
+    tokens = torch.randint(4, lm.info["d_vocab"], (2, 10), generator=torch.Generator().manual_seed(1))
+    zero_mlp = ("blocks.2.hook_mlp_out", lambda act, hook: torch.zeros_like(act))
+    with torch.no_grad():
+        for k in (1, 2):
+            pre = f"blocks.{k}.hook_resid_pre"
+            resid = 0.5 * capture(lm, tokens, [pre])[pre] + 0.25  # not the residual blocks 0..k-1 would give
+            full = lm.bridge.run_with_hooks(tokens, fwd_hooks=[(pre, lambda act, hook: resid), zero_mlp])
+            resumed = L.resume_forward(lm.bridge, resid, k, token_ids=tokens, fwd_hooks=[zero_mlp])
+            with skip_blocks(lm.bridge, k):  # how evaluation calls it: the skipped blocks do no work
+                skipped = L.resume_forward(lm.bridge, resid, k, token_ids=tokens, fwd_hooks=[zero_mlp])
+            clean = lm.bridge.run_with_hooks(tokens, fwd_hooks=[zero_mlp])
+            assert not torch.allclose(full, clean, atol=1e-3)  # the replaced residual changes the logits
+            torch.testing.assert_close(resumed, full, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(skipped, full, rtol=1e-5, atol=1e-5)
+
+
+def test_dequantised_gguf_cache_is_keyed_by_the_transformers_major_version(tmp_path, monkeypatch):
+    """A directory saved by another transformers major is never reused (5.x names tokenizer classes 4.x lacks)."""
+    monkeypatch.setenv("SAEFORGE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"not a GGUF file")
+    sha = L.file_sha256(gguf)
+    major = int(importlib.metadata.version("transformers").split(".")[0])
+    models = tmp_path / "cache" / "models"
+    for m in (major - 1, major + 1):  # what other majors would have saved
+        (models / f"m-{sha[:16]}-tf{m}").mkdir(parents=True)
+        (models / f"m-{sha[:16]}-tf{m}" / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="could not be loaded"):  # not reused: this major dequantises anew
+        L._dequantised_dir(gguf, None)
+    mine = models / f"m-{sha[:16]}-tf{major}"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    assert L._dequantised_dir(gguf, None) == (mine, sha)

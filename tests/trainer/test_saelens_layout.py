@@ -6,10 +6,12 @@ with scripts/check_saelens.py): json-loads cfg.json; a config whose `metadata.sa
 ("standard" -> StandardSAE, "gated" -> GatedSAE); `d_in`, `d_sae`, `dtype`, `apply_b_dec_to_input`,
 `normalize_activations`, `reshape_activations` fill the config dataclass (unknown keys such as `saeforge` are
 dropped) and `metadata` becomes SAEMetadata (hook_name, model_name, ...); every tensor is cast to `dtype`; a
-`scaling_factor` tensor is treated as a finetuning scale; then `load_state_dict(..., assign=True)` is strict,
-so the tensor names and shapes must be exactly the module's. The forward pass it then runs is reimplemented
-in `saelens_forward` below.
+`scaling_factor` tensor is treated as a finetuning scale; a metadata `sae_lens_training_version` that is
+absent is filled with SAELens's own version (so ours is an explicit null); then `load_state_dict(...,
+assign=True)` is strict, so the tensor names and shapes must be exactly the module's. The forward pass it then
+runs is reimplemented in `saelens_forward` below; tests/test_saelens_real.py runs SAELens itself.
 """
+import importlib.metadata
 import json
 
 import pytest
@@ -78,6 +80,9 @@ def test_cfg_json_has_what_saelens_v6_reads(tmp_path, arch, n_stack):
     assert meta["hook_name"] == HOOK and meta["model_name"] == "tiny-llama" and meta["hook_layer"] == 3
     assert meta["context_size"] == 32 and meta["prepend_bos"] is True
     assert cfg["saeforge"]["store"] == "/data/acts.zarr" and cfg["saeforge"]["input_scale"] == SCALE
+    # saeforge trained it, not SAELens: null, not absent (SAELens fills an absent key with its own version)
+    assert "sae_lens_training_version" in meta and meta["sae_lens_training_version"] is None
+    assert cfg["saeforge"]["saeforge_version"] == importlib.metadata.version("saeforge")
 
 
 @pytest.mark.parametrize("arch,n_stack", [("baseline", None), ("gated", None), ("gated", 1)])

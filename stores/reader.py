@@ -38,9 +38,8 @@ def read_attrs(path_or_url, *, require_complete: bool = True,
 def _read_attrs(loc: schema.Location, require_complete: bool) -> StoreAttrs:
     try:
         exists = loc.fs.exists(loc.root)
-    except OSError:
-        check_remote(loc)  # a listing names the cause (refused key, denied access) where a HEAD request says 403
-        raise
+    except OSError:  # s3fs asks HEAD of the folder's own key first: a 403 there says little
+        exists = check_remote(loc)  # a listing names the cause (refused key), or finds the folder readable
     if not exists:
         check_remote(loc)  # a missing bucket: say so rather than "no store"
         raise StoreNotFound(f"no store at {loc.url}: the path does not exist")
@@ -86,7 +85,9 @@ class Store:
 
         self.loc, self.attrs = loc, attrs
         self.path = loc.url
-        self.group = zarr.open_group(StrictStore(loc.zarr_store(read_only=True), loc.url), mode="r")
+        # zarr_format=3: the store's format; without it zarr also asks for v2 files (.zgroup, .zattrs), two more
+        # requests per open on an object store, each refused where a policy grants only the store's own keys
+        self.group = zarr.open_group(StrictStore(loc.zarr_store(read_only=True), loc.url), mode="r", zarr_format=3)
         self.n_rows: int = int(attrs.n_rows)
         self.hooks: list[str] = list(attrs.hooks)
         self.dtype: str = attrs.dtype

@@ -92,17 +92,18 @@ def remote_errors(where: Location | str, *, writing: bool = False) -> Iterator[N
         raise err from e
 
 
-def check_remote(path_or_url, storage_options: dict | None = None, *, writing: bool = False) -> None:
+def check_remote(path_or_url, storage_options: dict | None = None, *, writing: bool = False) -> bool:
     """For a store at a URL: BucketNotFound when its bucket is missing, RemoteStoreError when the endpoint cannot be
-    reached or the credentials are refused. Lists the store's folder (one request); writes nothing. Local paths
-    pass."""
+    reached or the credentials are refused; else whether anything is at the URL. Lists the store's folder (one
+    request), writes nothing. Local paths pass (True)."""
     loc = locate(path_or_url, storage_options)
     if loc.is_local:
-        return
+        return True
     with remote_errors(loc, writing=writing):
         try:
             loc.fs.ls(loc.root, detail=False)
         except FileNotFoundError as e:
             if "bucket" in str(e).lower():
                 raise
-            # nothing at the URL yet: the writer creates it (inside an existing bucket)
+            return False  # nothing at the URL yet: the writer creates it (inside an existing bucket)
+    return True

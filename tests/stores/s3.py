@@ -89,19 +89,37 @@ def s3(s3_server) -> S3:
     return S3(s3_server, bucket, options(s3_server))
 
 
-@pytest.fixture
-def s3_auth(s3, monkeypatch) -> S3Auth:
+def checks_on(monkeypatch) -> None:
+    """From now on (until the test ends) the server checks signatures and IAM permissions: the plain `testing`
+    key is unknown to it."""
     import moto.settings
     from moto.core.responses import ActionAuthenticatorMixin
 
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    monkeypatch.setattr(ActionAuthenticatorMixin, "request_count", 0)
+
+
+def iam_user(s3: S3, readable: tuple[str, ...] = ("*",)) -> dict:
+    """Storage options of a new IAM user allowed to list the bucket and to read its objects whose keys match one of
+    ``readable`` (IAM resource patterns), nothing else."""
     iam = _client(s3.endpoint, "iam")
     name = f"reader-{uuid.uuid4().hex[:8]}"
     iam.create_user(UserName=name)
-    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetObject"],
-                                                       "Resource": [f"arn:aws:s3:::{s3.bucket}",
-                                                                    f"arn:aws:s3:::{s3.bucket}/*"]}]}
+    policy = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": [f"arn:aws:s3:::{s3.bucket}"]},
+        {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [f"arn:aws:s3:::{s3.bucket}/{r}" for r in readable]}]}
     iam.put_user_policy(UserName=name, PolicyName="read-only", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName=name)["AccessKey"]
-    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
-    monkeypatch.setattr(ActionAuthenticatorMixin, "request_count", 0)
-    return S3Auth(s3, options(s3.endpoint, key["AccessKeyId"], key["SecretAccessKey"]))
+    return options(s3.endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+
+
+def read_only_user(s3: S3) -> dict:
+    """Storage options of a new IAM user allowed s3:ListBucket and s3:GetObject on the bucket only."""
+    return iam_user(s3)
+
+
+@pytest.fixture
+def s3_auth(s3, monkeypatch) -> S3Auth:
+    reader = read_only_user(s3)
+    checks_on(monkeypatch)
+    return S3Auth(s3, reader)

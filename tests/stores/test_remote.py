@@ -14,7 +14,8 @@ from saeforge.stores import StoreLoader, StoreNotFound, open_store, verify_store
 from saeforge.stores.remote import BucketNotFound, RemoteStoreError, check_remote
 from saeforge.stores.schema import locate
 from tests.stores.helpers import HOOKS, write_store
-from tests.stores.s3 import SECRET, closed_port_options, options, s3, s3_auth, s3_server  # noqa: F401 (fixtures)
+from tests.stores.s3 import (SECRET, checks_on, closed_port_options, iam_user, options, s3,  # noqa: F401
+                             s3_auth, s3_server)
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -108,15 +109,23 @@ def test_a_remote_failure_while_reading_is_not_called_damage(s3, monkeypatch):
     write_store(s3.url("store"), storage_options=s3.options)
     store = open_store(s3.url("store"), s3.options)
     loader = StoreLoader(store, hooks=[HOOK], batch_rows=100, epochs=1)
-    import moto.settings
-    from moto.core.responses import ActionAuthenticatorMixin
-
-    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
-    monkeypatch.setattr(ActionAuthenticatorMixin, "request_count", 0)
+    checks_on(monkeypatch)
     with pytest.raises(RemoteStoreError, match=f"{s3.url('store')}: (the credentials were refused|access denied)"):
         store.read_raw(HOOK, 0, 64)
     with pytest.raises(RemoteStoreError, match="credentials were refused|access denied"):
         next(iter(loader))
+
+
+def test_verify_reports_a_denied_read_as_such_not_as_bad_chunks(s3, monkeypatch):
+    """A user who may read the metadata and the hooks' chunks, but not the token ids': verify raises the refusal,
+    naming the URL, instead of reporting chunks as corrupt."""
+    write_store(s3.url("store"), storage_options=s3.options)
+    hooks_only = iam_user(s3, readable=("*zarr.json", "*/blocks.*"))
+    checks_on(monkeypatch)
+    store = open_store(s3.url("store"), hooks_only)
+    assert store.read_numpy(HOOK).shape == (2000, 12)
+    with pytest.raises(RemoteStoreError, match=f"{s3.url('store')}: access denied"):
+        verify_store(s3.url("store"), storage_options=hooks_only)
 
 
 def test_storage_options_reach_both_filesystems(tmp_path):
@@ -128,3 +137,15 @@ def test_storage_options_reach_both_filesystems(tmp_path):
         fs = getattr(fs, "fs", fs)  # zarr may wrap a sync filesystem
         assert fs.key == "k1" and fs.client_kwargs["endpoint_url"] == "http://127.0.0.1:9"
     assert locate(tmp_path, {"key": "k1"}).storage_options is None
+
+
+def test_a_location_sees_what_zarrs_own_filesystem_wrote_after_it_listed(s3):
+    """zarr writes a store through its own (async) filesystem instance; a listing cached by the Location's instance
+    would hide those files (s3fs answers `exists` from a cached listing of the parent)."""
+    import zarr
+
+    loc = locate(s3.url("g"), s3.options)
+    loc.fs.pipe_file(loc.sub("first"), b"1")
+    assert loc.fs.ls(loc.root, detail=False) == [loc.sub("first")]
+    zarr.create_array(loc.zarr_store(), name="arr", shape=(4,), dtype="i4")
+    assert loc.fs.exists(loc.sub("arr")) and locate(s3.url("g"), s3.options).fs.exists(loc.sub("arr"))

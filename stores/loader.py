@@ -21,7 +21,7 @@ import torch
 from saeforge.stores import schema
 from saeforge.stores.chunkread import ChunkReader
 from saeforge.stores.errors import InvalidInput, StoreDamaged, StoreError
-from saeforge.stores.plan import epoch_plan, skip_segments, window_order
+from saeforge.stores.plan import epoch_plan, interleaved_plan, skip_segments, window_order
 from saeforge.stores.reader import Store, open_store, read_error
 
 READ_TARGET_BYTES = 8 << 20
@@ -47,6 +47,10 @@ class StoreLoader:
     differs per epoch. ``epochs=None`` cycles forever (batches run across epoch boundaries); with a
     finite count the last batch may be short unless ``drop_last``. ``buffer_rows`` > 0 permutes rows
     inside consecutive windows of that many rows (cost per row independent of the window size).
+    ``interleave`` (data-parallel training): instead of a contiguous slice of each epoch, rank r takes the blocks
+    of ``batch_rows`` rows of the one-process stream whose index is r modulo ``world_size``, so the ranks' j-th
+    batches, concatenated in rank order, are the j-th batch of ``batch_rows * world_size`` rows that one process
+    with the same seed reads; each rank decodes only the chunks its blocks touch (no mixing buffer).
     ``storage_options``: of the fsspec filesystem of a store at a URL (``open_store``).
     """
 
@@ -54,7 +58,7 @@ class StoreLoader:
                  buffer_rows: int = 0, rank: int = 0, world_size: int = 1, out_dtype=torch.float32,
                  device=None, pin_memory: bool = False, epochs: int | None = None, drop_last: bool = False,
                  read_chunks: int | None = None, prefetch_batches: int = 4, fast_path: bool = True,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, interleave: bool = False):
         self.store: Store = open_store(store_or_path, storage_options)
         self.hooks = list(self.store.hooks if hooks is None else ([hooks] if isinstance(hooks, str) else hooks))
         self.store.check_hooks(self.hooks)
@@ -67,12 +71,16 @@ class StoreLoader:
             problems.append(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if buffer_rows < 0 or (epochs is not None and epochs < 1):
             problems.append(f"buffer_rows must be >= 0 and epochs None or >= 1 (got {buffer_rows}, {epochs})")
+        if interleave and (buffer_rows or batch_rows * world_size > self.store.n_rows):
+            problems.append(f"interleave needs buffer_rows 0 and batch_rows * world_size <= the store's "
+                            f"{self.store.n_rows} rows (got {buffer_rows}, {batch_rows} * {world_size})")
         if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             problems.append(f"out_dtype must be torch.float32, bfloat16 or float16, got {out_dtype}")
         if problems:
             raise InvalidInput("; ".join(problems))
         self.batch_rows, self.seed, self.threads, self.buffer_rows = batch_rows, seed, threads, buffer_rows
         self.rank, self.world_size, self.epochs, self.drop_last = rank, world_size, epochs, drop_last
+        self.interleave = interleave
         self.out_dtype, self.device, self.prefetch_batches = out_dtype, device, max(1, prefetch_batches)
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.unit_rows = self.store.chunk_rows * (read_chunks or self._default_read_chunks())
@@ -103,11 +111,11 @@ class StoreLoader:
         """Where the next batch starts: the epoch and the rows already emitted in it (this rank)."""
         return {"epoch": self._state[0], "position": self._state[1], "seed": self.seed,
                 "rank": self.rank, "world_size": self.world_size, "buffer_rows": self.buffer_rows,
-                "n_rows": self.store.n_rows}
+                "n_rows": self.store.n_rows, "interleave": self.interleave}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("seed", "rank", "world_size", "buffer_rows", "n_rows"):
+        for key in ("seed", "rank", "world_size", "buffer_rows", "n_rows", "interleave"):
             if key in state and state[key] != mine[key]:
                 raise InvalidInput(f"loader state was saved with {key}={state[key]}, this loader has "
                                  f"{key}={mine[key]}; resume with the same settings")
@@ -115,8 +123,14 @@ class StoreLoader:
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (finite epochs only)."""
-        n = epoch_plan(self.store.n_rows, self.unit_rows, self.seed, 0, self.rank, self.world_size).n_rows
+        n = self._plan(0).n_rows
         return n // self.batch_rows if self.drop_last else -(-n // self.batch_rows)
+
+    def _plan(self, epoch: int):
+        if self.interleave:
+            return interleaved_plan(self.store.n_rows, self.unit_rows, self.seed, epoch, self.rank, self.world_size,
+                                    self.batch_rows)
+        return epoch_plan(self.store.n_rows, self.unit_rows, self.seed, epoch, self.rank, self.world_size)
 
     # --- iteration -----------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -198,7 +212,7 @@ class StoreLoader:
         """(epoch, position of the segment's first row, rows in the epoch, segment), lazily, epoch after epoch."""
         W = self.buffer_rows
         while self.epochs is None or epoch < self.epochs:
-            plan = epoch_plan(self.store.n_rows, self.unit_rows, self.seed, epoch, self.rank, self.world_size)
+            plan = self._plan(epoch)
             at = (pos // W) * W if W else pos
             for seg in skip_segments(plan.segments, at):
                 yield epoch, at, plan.n_rows, seg
@@ -241,16 +255,19 @@ class StoreLoader:
                 if nxt is None:
                     exhausted = True
                     break
-                pending.append((nxt, pool.submit(self._read_unit, nxt[3].unit)))
+                pending.append((nxt, pool.submit(self._read_unit, nxt[3])))
             if not pending or stop.is_set():
                 return
             (epoch, at, n_epoch, seg), fut = pending.pop(0)
-            data = fut.result()
-            yield epoch, at, n_epoch, seg, {h: t[seg.lo : seg.hi] for h, t in data.items()}
+            data, off = fut.result()
+            yield epoch, at, n_epoch, seg, {h: t[off : off + seg.hi - seg.lo] for h, t in data.items()}
 
-    def _read_unit(self, unit: int) -> dict:
-        lo = unit * self.unit_rows
-        hi = min(lo + self.unit_rows, self.store.n_rows)
+    def _read_unit(self, seg) -> tuple[dict, int]:
+        """The whole chunks of read unit `seg.unit` that hold the segment's rows, and where the segment starts in
+        them."""
+        base, c = seg.unit * self.unit_rows, self.store.chunk_rows
+        lo = base + seg.lo // c * c
+        hi = min(base + -(-seg.hi // c) * c, self.store.n_rows)
         t0 = time.perf_counter()
         out, nbytes = {}, 0
         for h in self.hooks:
@@ -270,7 +287,7 @@ class StoreLoader:
         with self._lock:
             self._bytes += nbytes
             self._decode_s += time.perf_counter() - t0
-        return out
+        return out, base + seg.lo - lo
 
     def _to_torch(self, raw: np.ndarray) -> torch.Tensor:
         if self.store.dtype == "bfloat16":

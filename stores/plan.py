@@ -4,6 +4,10 @@ An epoch is a seeded permutation of read units (runs of whole chunks). Concatena
 sequence of every row once; rank r of W takes the contiguous slice [r*N//W, (r+1)*N//W) of it, so ranks
 are disjoint, cover every row, and differ by at most one row. A mixing window permutes rows inside
 consecutive windows of that slice; a position in the slice is the loader's whole resumable state.
+
+`interleaved_plan` shards differently, for data-parallel training: the ranks take turns in blocks of the
+one-process stream (epochs back to back), so the ranks' j-th blocks together are the one-process stream's j-th
+run of `block_rows * world_size` rows.
 """
 from __future__ import annotations
 
@@ -41,6 +45,27 @@ def epoch_plan(n_rows: int, unit_rows: int, seed: int, epoch: int, rank: int, wo
         if lo < hi:
             segs.append(Segment(u, lo - s, hi - s))
     return EpochPlan(segs, r1 - r0)
+
+
+def interleaved_plan(n_rows: int, unit_rows: int, seed: int, epoch: int, rank: int, world_size: int,
+                     block_rows: int) -> EpochPlan:
+    """Rank `rank`'s rows of `epoch` when block i of `block_rows` rows of the one-process stream (the world-size-1
+    plans of epochs 0, 1, ... back to back) goes to rank i % world_size; segments in stream order."""
+    start = epoch * n_rows  # the stream position of the epoch's first row
+    segs, at, n = [], start, 0
+    for seg in epoch_plan(n_rows, unit_rows, seed, epoch, 0, 1).segments:
+        end, p = at + seg.hi - seg.lo, at
+        while p < end:
+            block = p // block_rows
+            turn = (rank - block) % world_size
+            if turn:  # another rank's block: jump to this rank's next one
+                p = (block + turn) * block_rows
+                continue
+            q = min((block + 1) * block_rows, end)
+            segs.append(Segment(seg.unit, seg.lo + p - at, seg.lo + q - at))
+            n, p = n + q - p, q
+        at = end
+    return EpochPlan(segs, n)
 
 
 def window_order(seed: int, epoch: int, rank: int, window: int, size: int) -> np.ndarray:

@@ -217,13 +217,18 @@ def harvest_distributed(cfg, *, progress: bool = True):
     from saeforge.stores.progress import progress_bar
 
     t0 = time.perf_counter()
+    if cfg.out.startswith("memory://"):
+        raise HarvestError(f"--out {cfg.out}: a memory:// store lives in one process, where the dask workers "
+                           "cannot write; give a path or a URL every worker can reach")
     record = dataset_record(cfg)
     threads = max(1, (os.cpu_count() or 1) // max(1, cfg.workers))
     with dask_client(cfg.workers, cfg.scheduler, threads=threads) as client:
         if progress:
             print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
         facts = _connect_lm(client, cfg)
-        cfg = replace(cfg, lm_dtype=facts.dtype)
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        # the second pass runs on the cluster: as many shard tasks at once as it has workers, unless told
+        cfg = replace(cfg, lm_dtype=facts.dtype, finalize_workers=cfg.finalize_workers or n_workers)
         done = completed_result(cfg)
         if done is not None:
             return done
@@ -241,11 +246,10 @@ def harvest_distributed(cfg, *, progress: bool = True):
             with bar:
                 batches = window_batches(prov.text, facts.tokenizer, cfg.batch_size, cfg.tokens, skip=plan["base"])
                 groups = task_groups(batches, plan["batches_per_task"], plan["base"])
-                n_workers = max(1, len(client.scheduler_info().get("workers", {})))
                 passes, forwarded = run_tasks(client, writer, groups, facts, (cfg.model, cfg.device, cfg.lm_dtype),
                                               bar, max_in_flight=2 * n_workers)
             t2 = time.perf_counter()
-            writer.close()  # TODO executor
+            writer.close(executor=client.get_executor())
         t3 = time.perf_counter()
     store = open_store(cfg.out)
     result = HarvestResult(store=store.path, rows=store.n_rows, rows_resumed=plan["base"], forward_passes=passes,

@@ -307,7 +307,7 @@ def open_writer(cfg: HarvestConfig, dims: dict[str, int], prov: Provenance, prog
     try:
         return StoreWriter(cfg.out, hooks=dims, dtype=cfg.store_dtype, seed=cfg.seed, expected_rows=cfg.tokens,
                            provenance=prov.to_json(), memory_limit_bytes=cfg.writer_memory_bytes, progress=progress,
-                           storage_options=cfg.storage_options)
+                           storage_options=cfg.storage_options, finalize_workers=cfg.finalize_workers or None)
     except InvalidInput as e:
         if "memory_limit_bytes" not in str(e):
             raise

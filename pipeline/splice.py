@@ -6,12 +6,13 @@ original scale). Per batch it runs the model up to the splice point ONCE (the sh
 replacement (clean, zero ablation, mean ablation, each SAE) only the rest of the model. Run directories,
 eval.json and the ablation cache are `saeforge.pipeline.evaluate`.
 
-How the shared prefix works on TransformerBridge (TransformerLens 4.3): `forward(..., stop_at_layer=k)`
-really stops before block k, but `forward(resid, start_at_layer=k)` still executes blocks 0..k-1 and
-discards their output. So for the suffix we call `start_at_layer=k` and, inside a try/finally, make blocks
-0..k-1 pass their input straight through (instance-level `forward` override); block k swaps in the
-residual. A splice at `blocks.L.hook_resid_post` resumes at block L+1 with the spliced residual; any other
-site in block L resumes at block L from the clean `hook_resid_pre` with a replacement hook at the site.
+How the shared prefix works on TransformerBridge: `forward(..., stop_at_layer=k)` really stops before block
+k; the suffix, `lm.resume_forward` (TransformerLens 4: `forward(resid, start_at_layer=k)`; TransformerLens 3,
+which has no start_at_layer: block k's `hook_in` returns the residual), still executes blocks 0..k-1 and
+discards their output. So, inside a try/finally, blocks 0..k-1 pass their input straight through
+(instance-level `forward` override); block k swaps in the residual. A splice at `blocks.L.hook_resid_post`
+resumes at block L+1 with the spliced residual; any other site in block L resumes at block L from the clean
+`hook_resid_pre` with a replacement hook at the site.
 Strategy `auto` checks this once per (model, splice point) per process, on one window of the first batch with
 a zero-ablation splice, against a full forward with a hook; if they differ (or resuming raises), the engine
 says so on stderr and falls back to one full `run_with_hooks` forward per replacement.
@@ -42,7 +43,7 @@ import torch
 
 from saeforge.pipeline import metrics as M
 from saeforge.pipeline.errors import EvalError
-from saeforge.pipeline.lm import stop_layer
+from saeforge.pipeline.lm import resume_forward, stop_layer
 
 Strategy = Literal["auto", "shared_prefix", "full"]
 _SITE_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -173,7 +174,7 @@ class _Engine:
             resid = captured[plan.capture]
             hooks = [(plan.hook, hook_fn)] if hook_fn else []
         with skip_blocks(self.bridge, plan.resume):
-            return self.bridge.run_with_hooks(resid, fwd_hooks=hooks, start_at_layer=plan.resume)
+            return resume_forward(self.bridge, resid, plan.resume, token_ids=token_ids, fwd_hooks=hooks)
 
 
 def _module_dtype(module) -> torch.dtype:

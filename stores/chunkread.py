@@ -2,9 +2,10 @@
 
 Valid only for the layout this package writes (checked against the array's metadata; anything else goes
 through zarr): ``sharding_indexed`` with inner codecs ``bytes(little) -> blosc -> crc32c`` and an index
-``bytes -> crc32c`` at the end of each shard. One ranged read per run of chunks, the crc32c of every chunk
-checked, blosc decompressing straight into the destination array: no per-chunk allocation or copy, and
-both crc32c and blosc release the GIL, so threads decode in parallel.
+``bytes -> crc32c`` at the end of each shard. One ranged read per run of chunks (a run that is a whole shard
+whose index is not cached yet: one read of the file, index included), the crc32c of every chunk checked, blosc
+decompressing straight into the destination array: no per-chunk allocation or copy, and both crc32c and blosc
+release the GIL, so threads decode in parallel.
 """
 from __future__ import annotations
 
@@ -69,41 +70,58 @@ class ChunkReader:
                                f"{self.path}`)") from None
 
     def _read_file_range(self, path: str, start: int, stop: int | None) -> bytes:
-        if self.loc.is_local:
-            with open(path, "rb") as f:
-                if start < 0:  # the last -start bytes (all of them in a file truncated to fewer)
-                    f.seek(max(os.fstat(f.fileno()).st_size + start, 0))
-                    return f.read()
+        """Bytes [start, stop) of a file; a negative start counts from its end (all of it when shorter), stop None
+        reads to the end. One request on an object store (fsspec's cat_file takes both, by keyword: s3fs's second
+        positional parameter is version_id)."""
+        if not self.loc.is_local:
+            return self.loc.fs.cat_file(path, start=start, end=stop)
+        with open(path, "rb") as f:
+            if start < 0:
+                f.seek(max(os.fstat(f.fileno()).st_size + start, 0))
+            else:
                 f.seek(start)
-                return f.read(stop - start)
-        if start < 0:
-            size = self.loc.fs.size(path)
-            start, stop = max(size + start, 0), size
-        return self.loc.fs.cat_file(path, start=start, end=stop)  # by keyword: s3fs takes version_id second
+            return f.read() if stop is None else f.read(stop - f.tell())
 
     def index(self, shard: int) -> np.ndarray:
         """(chunks per shard, 2) uint64 offsets and sizes, crc32c-checked, cached."""
         if shard not in self._index:
-            raw = self._read_range(self._file(shard), -(self.per_shard * 16 + 4), None)
-            body, crc = raw[:-4], int.from_bytes(raw[-4:], "little")
-            if len(raw) != self.per_shard * 16 + 4 or _crc32c(body) != crc:
-                raise ChecksumError(f"{self.path}: {self.name} shard {shard} (file {self.name}/c/{shard}/0): "
-                                    "crc32c mismatch in the shard index; the file is corrupt (run `saeforge store verify "
-                                    f"{self.path}`)")
-            self._index[shard] = np.frombuffer(body, dtype="<u8").reshape(self.per_shard, 2)
+            self._index[shard] = self._parse_index(self._read_range(self._file(shard), -self._index_bytes, None), shard)
         return self._index[shard]
+
+    @property
+    def _index_bytes(self) -> int:
+        return self.per_shard * 16 + 4
+
+    def _parse_index(self, raw: bytes, shard: int) -> np.ndarray:
+        body, crc = raw[:-4], int.from_bytes(raw[-4:], "little")
+        if len(raw) != self._index_bytes or _crc32c(body) != crc:
+            raise ChecksumError(f"{self.path}: {self.name} shard {shard} (file {self.name}/c/{shard}/0): "
+                                "crc32c mismatch in the shard index; the file is corrupt (run `saeforge store verify "
+                                f"{self.path}`)")
+        return np.frombuffer(body, dtype="<u8").reshape(self.per_shard, 2)
+
+    def _whole_shard(self, shard: int, lo: int, hi: int) -> memoryview | None:
+        """The shard file's bytes, read in one request, when rows [lo, hi) are all of the shard and its index is not
+        known yet (an object store then answers one GET instead of two: index, then rows); else None."""
+        base = shard * self.shard_rows
+        if shard in self._index or lo != base or hi < min(base + self.shard_rows, self.shape[0]):
+            return None
+        blob = self._read_range(self._file(shard), 0, None)
+        self._index[shard] = self._parse_index(blob[-self._index_bytes :], shard)
+        return memoryview(blob)
 
     def read(self, lo: int, hi: int) -> tuple[np.ndarray, int]:
         """Decoded rows [lo, hi) (inside one shard) and the bytes read from storage."""
         shard, d = lo // self.shard_rows, self.shape[1]
         c0 = (lo - shard * self.shard_rows) // self.chunk_rows
         c1 = -(-(hi - shard * self.shard_rows) // self.chunk_rows)
+        blob = self._whole_shard(shard, lo, hi)
         self.check_present(shard, lo, hi)
         idx = self.index(shard)[c0:c1]
         out = np.empty((hi - lo, d), self.dtype)
         start = int(idx[:, 0].min())
         stop = int((idx[:, 0] + idx[:, 1]).max())
-        buf = memoryview(self._read_range(self._file(shard), start, stop))
+        buf = blob[start:stop] if blob is not None else memoryview(self._read_range(self._file(shard), start, stop))
         for k, (off, size) in enumerate(idx.tolist()):
             r0 = (c0 + k) * self.chunk_rows + shard * self.shard_rows - lo
             r1 = min(r0 + self.chunk_rows, hi - lo)

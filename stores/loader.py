@@ -26,6 +26,7 @@ from saeforge.stores.reader import Store, open_store, read_error
 
 READ_TARGET_BYTES = 8 << 20
 """Default read unit: whole chunks adding up to ~8 MiB decoded (over all requested hooks)."""
+
 _DONE = object()
 
 
@@ -51,14 +52,21 @@ class StoreLoader:
     of ``batch_rows`` rows of the one-process stream whose index is r modulo ``world_size``, so the ranks' j-th
     batches, concatenated in rank order, are the j-th batch of ``batch_rows * world_size`` rows that one process
     with the same seed reads; each rank decodes only the chunks its blocks touch (no mixing buffer).
-    ``storage_options``: of the fsspec filesystem of a store at a URL (``open_store``).
+    ``storage_options``: of the fsspec filesystem of a store at a URL (``open_store``). ``read_ahead``: read
+    units in flight (default ``2 * threads + 1``).
+
+    A store at a URL is read a whole shard at a time (~64-75 MiB decoded per hook at the default layout, one
+    request each, its index included: ``chunkread.py``), and each read in flight waits on the network in a thread
+    of its own: an object store serves a few large GETs far better than many small ones, each of which pays the
+    request's latency (scripts/bench_remote.py: 0.16x of local disk's rows/s with the local 4096-row units from
+    moto's S3 server, ~0.5x with whole shards). Memory in flight: read_ahead units.
     """
 
     def __init__(self, store_or_path, hooks=None, batch_rows: int = 4096, seed: int = 0, threads: int = 2,
                  buffer_rows: int = 0, rank: int = 0, world_size: int = 1, out_dtype=torch.float32,
                  device=None, pin_memory: bool = False, epochs: int | None = None, drop_last: bool = False,
                  read_chunks: int | None = None, prefetch_batches: int = 4, fast_path: bool = True,
-                 storage_options: dict | None = None, interleave: bool = False):
+                 storage_options: dict | None = None, read_ahead: int | None = None, interleave: bool = False):
         self.store: Store = open_store(store_or_path, storage_options)
         self.hooks = list(self.store.hooks if hooks is None else ([hooks] if isinstance(hooks, str) else hooks))
         self.store.check_hooks(self.hooks)
@@ -67,6 +75,8 @@ class StoreLoader:
             problems.append(f"batch_rows must be >= 1, got {batch_rows}")
         if threads < 1:
             problems.append(f"threads must be >= 1, got {threads}")
+        if read_ahead is not None and read_ahead < 1:
+            problems.append(f"read_ahead must be >= 1 (or None: the default), got {read_ahead}")
         if not (world_size >= 1 and 0 <= rank < world_size):
             problems.append(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if buffer_rows < 0 or (epochs is not None and epochs < 1):
@@ -83,6 +93,7 @@ class StoreLoader:
         self.interleave = interleave
         self.out_dtype, self.device, self.prefetch_batches = out_dtype, device, max(1, prefetch_batches)
         self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.read_ahead = read_ahead or 2 * threads + 1
         self.unit_rows = self.store.chunk_rows * (read_chunks or self._default_read_chunks())
         self._fast = {h: ChunkReader(self.store, h) for h in self.hooks
                       if fast_path and ChunkReader.supports(self.store, h)}
@@ -95,6 +106,8 @@ class StoreLoader:
         itemsize = np.dtype(schema.STORAGE_DTYPE[self.store.dtype]).itemsize
         row_bytes = itemsize * sum(self.store.d(h) for h in self.hooks)
         per_shard = self.store.shard_rows // self.store.chunk_rows
+        if not self.store.loc.is_local:
+            return per_shard  # whole shards: one request each, index included
         n = max(1, READ_TARGET_BYTES // max(1, row_bytes * self.store.chunk_rows))
         n = 1 << (int(n).bit_length() - 1)  # a power of two, so units never straddle shards
         while per_shard % n:
@@ -175,7 +188,9 @@ class StoreLoader:
             return False
 
         try:
-            with ThreadPoolExecutor(self.threads, thread_name_prefix="saeforge-decode") as pool:
+            # a remote read waits on the network in its thread: one thread per read in flight
+            workers = self.threads if self.store.loc.is_local else max(self.threads, self.read_ahead)
+            with ThreadPoolExecutor(workers, thread_name_prefix="saeforge-decode") as pool:
                 for batch, state in self._batches(self._pieces(pool, stop, *start)):
                     if self.pin_memory:
                         batch = {h: t.pin_memory() for h, t in batch.items()}
@@ -245,8 +260,8 @@ class StoreLoader:
         return {h: torch.cat([p[h] for p in window])[idx] for h in self.hooks}
 
     def _read_ahead(self, pool, stop, segments):
-        """Submit unit reads ``2 * threads`` ahead; yield them in order with the segment's rows cut out."""
-        depth, pending = 2 * self.threads + 1, []
+        """Submit unit reads ``read_ahead`` ahead; yield them in order with the segment's rows cut out."""
+        depth, pending = self.read_ahead, []
         it = iter(segments)
         exhausted = False
         while True:

@@ -4,6 +4,7 @@ refused credentials and a failure mid-read are each one StoreError naming the UR
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -51,6 +52,18 @@ def test_a_store_copied_to_s3_reads_the_rows_of_its_local_copy(s3, tmp_path):
     rows = torch.cat([b[HOOK] for b in loader]).numpy()
     expected = open_store(local).read_numpy(HOOK)
     assert sorted(map(bytes, rows)) == sorted(map(bytes, expected))  # every row once, in the loader's order
+
+
+def test_the_loader_reads_each_shard_file_of_a_remote_store_in_one_request(s3, caplog):
+    """At a URL the loader reads whole shards, each in one GET that brings its index along (not HEAD + index GET +
+    rows GET): requests are what an object store charges latency for. Counted in the S3 server's access log."""
+    write_store(s3.url("store"), storage_options=s3.options)  # 2,000 rows in shards of 128: 16 files per hook
+    loader = StoreLoader(s3.url("store"), hooks=[HOOK], batch_rows=100, epochs=1, storage_options=s3.options)
+    assert loader.unit_rows == loader.store.shard_rows
+    with caplog.at_level(logging.INFO, logger="werkzeug"):
+        rows = sum(len(b[HOOK]) for b in loader)
+    requests = [r.getMessage() for r in caplog.records if f"/{s3.bucket}/store/{HOOK}/c/" in r.getMessage()]
+    assert rows == 2000 and len(requests) == 16 and all("GET /" in r for r in requests), requests
 
 
 def test_the_store_cli_takes_storage_options(s3):

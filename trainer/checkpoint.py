@@ -2,7 +2,8 @@
 
 A checkpoint holds one SAE's weights (training scale), Adam moments and step, resampling state (steps since
 each feature fired, last resample step, the SAE's generator) and the loader position after the last batch
-trained on. It is written to a temporary file and renamed into place; the previous one is kept so that a
+trained on: `loader` (rank 0's), `loader_ranks` (every rank's, in rank order) and `world_size` (the number of
+data-parallel ranks; a run resumes only with the same, `check_world_size`). It is written to a temporary file and renamed into place; the previous one is kept so that a
 sweep interrupted between two runs' renames still finds a step that every run has.
 """
 from __future__ import annotations
@@ -70,3 +71,18 @@ def load_common_checkpoints(run_dirs: list[Path]) -> list[dict]:
                              + "; ".join(f"{d}: {sorted(a)}" for d, a in zip(run_dirs, available)))
     step = max(common)
     return [read_checkpoint(a[step]) for a in available]
+
+
+def check_world_size(run_dir: Path, checkpoint: dict, world_size: int) -> None:
+    """ResumeMismatch when `checkpoint` (of `run_dir`) was written by another number of data-parallel ranks: each
+    rank's loader position belongs to its world size, so the rows of the following steps would differ."""
+    saved = int(checkpoint.get("world_size", 1))
+    if saved != world_size:
+        how = "without torchrun" if saved == 1 else f"with torchrun --nproc-per-node {saved}"
+        raise ResumeMismatch(f"{run_dir} was checkpointed by {saved} process(es), not {world_size}: resume it {how} "
+                             "(or train into a new output)")
+
+
+def loader_position(checkpoint: dict, rank: int) -> dict:
+    """The loader state of `rank` saved in `checkpoint` (checkpoints before `loader_ranks` hold rank 0's only)."""
+    return checkpoint.get("loader_ranks", [checkpoint["loader"]])[rank]

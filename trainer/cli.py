@@ -36,6 +36,7 @@ def _fail(exc: Exception) -> click.ClickException:
 
 def _run(store, saes, train, out, *, sweep, resume, quiet, storage_options):
     from saeforge.stores.errors import StoreError
+    from saeforge.trainer.ddp import env_rank
     from saeforge.trainer.run import train_from_store
 
     if not store:
@@ -43,11 +44,13 @@ def _run(store, saes, train, out, *, sweep, resume, quiet, storage_options):
     if out is None:
         raise click.ClickException("no output directory given: pass --out DIR or set `out` in the config file")
     try:
+        rank = env_rank()
         summary = train_from_store(store, saes, train, out, sweep=sweep, resume=resume, progress=not quiet,
                                    storage_options=storage_options)
     except (StoreError, TrainerError) as exc:
-        raise _fail(exc) from None
-    click.echo(json.dumps(summary if sweep else summary[0], indent=2))
+        raise _fail(exc) from None  # under torchrun every rank prints its line
+    if rank == 0:  # one summary from a data-parallel run
+        click.echo(json.dumps(summary if sweep else summary[0], indent=2))
 
 
 @click.command()

@@ -173,8 +173,10 @@ class TrainConfig:
     """Mixed precision for forward and loss: `bf16` autocast (weights and optimiser stay fp32), `none`, or
     `auto`: bf16 only where the device runs it natively and faster (`trainer/device.py`), else none."""
 
-    compile: bool = False
-    """Fuse the loss's elementwise work with `torch.compile` (GPU; first steps pay the compile time)."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """Fuse the loss's elementwise work on (batch x d_sae) tensors with `torch.compile`: `on`, `off`, or `auto`: on
+    for CUDA (where that work, not the matmuls, bounds a bf16 step), off on the CPU (where eager is as fast and
+    compiling takes tens of seconds). The first steps pay the compile time."""
 
     stack_mib: int = 0
     """Upper bound, in MiB, on one stacked module's (K, batch_rows, d_sae) fp32 activation tensor: SAEs of one
@@ -231,6 +233,8 @@ class TrainConfig:
             problems.append(f"loss_scaling must be paper, per_dim or sum, got {self.loss_scaling!r}")
         if self.autocast not in ("auto", "none", "bf16"):
             problems.append(f"autocast must be 'auto', 'none' or 'bf16', got {self.autocast!r}")
+        if self.compile not in ("auto", "on", "off"):
+            problems.append(f"compile must be 'auto', 'on' or 'off', got {self.compile!r}")
         bad_trackers = [t for t in self.log_to if t not in TRACKERS]
         if isinstance(self.log_to, str) or bad_trackers:
             problems.append(f"log_to must list trackers among {', '.join(TRACKERS)}, got {bad_trackers or self.log_to!r}")

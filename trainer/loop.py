@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from saeforge.trainer.config import SAEConfig, TrainConfig
+from saeforge.trainer.ddp import Dist
 from saeforge.trainer.errors import ConfigError, NonFinite
 from saeforge.trainer.losses import l1_training_factor, recon_scale, sae_loss, squared_error
 from saeforge.trainer.normaliser import Normaliser, for_hook
@@ -41,13 +42,19 @@ class StepStats(NamedTuple):
     """Sum over rows of ||x_hat||^2."""
     x_dot_xhat: Tensor
     """Sum over rows of x . x_hat."""
+    x_var: Tensor
+    """Sum over rows of ||x - mean_rows(x)||^2 of the SAE's hook (the explained variance's denominator)."""
+
+
+MEAN_STATS = ("l_recon", "l_sparsity", "l_aux", "l0")
+"""StepStats fields that are means over the batch's rows (the others are sums)."""
 
 
 class _Group:
     """SAEs of one hook and one shape trained as one stacked module with one StackAdam."""
 
     def __init__(self, cfgs: list[SAEConfig], indices: list[int], hook: str, d_in: int, train: TrainConfig,
-                 device: torch.device, dtype: torch.dtype, norm: Normaliser):
+                 device: torch.device, dtype: torch.dtype, norm: Normaliser, compiled: bool):
         first, K = cfgs[0], len(cfgs)
         self.cfgs, self.indices, self.hook = cfgs, indices, hook
         self.sae = make_sae(first.arch, d_in, first.d_sae, n_stack=K, dtype=dtype,
@@ -67,7 +74,7 @@ class _Group:
         self.last_resample = torch.full((K,), -(10 ** 9), dtype=torch.long)
         self.generators = [torch.Generator().manual_seed(c.seed + RESAMPLE_SEED_OFFSET) for c in cfgs]
         self.index = torch.tensor(indices, device=device)
-        self.loss_fn = torch.compile(sae_loss, dynamic=False) if train.compile else sae_loss
+        self.loss_fn = torch.compile(sae_loss, dynamic=False) if compiled else sae_loss
 
     def loss(self, x: Tensor, l1_mult: float):
         l1 = (self.l1 * l1_mult).to(device=x.device, dtype=self.sae.W_dec.dtype)
@@ -79,12 +86,14 @@ class SweepTrainer:
 
     `normalisers` (one `Normaliser` for every hook, or a dict keyed by hook; None: inputs as they are) set each
     hook's input scale, the b_dec init and E||x||^2. Inputs given to `train_step`/`resample` are in training
-    scale: pass batches through `prepare` first."""
+    scale: pass batches through `prepare` first. With `dist` (a data-parallel run, trainer/ddp.py) each rank
+    passes its share of every batch and every rank ends each step with the same weights and global StepStats."""
 
     def __init__(self, saes: list[SAEConfig], train: TrainConfig, d_in: int | dict[str, int], *,
                  normalisers: Normaliser | dict[str, Normaliser] | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        self.saes, self.train = list(saes), train
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, dist: Dist | None = None):
+        self.saes, self.train, self.dist = list(saes), train, dist
+        self.world_size = dist.world_size if dist is not None else 1
         self.device, self.dtype = torch.device(device), dtype
         self.step = 0
         self.sae_hooks = [cfg.hook or train.hook for cfg in self.saes]
@@ -93,6 +102,7 @@ class SweepTrainer:
         self.normalisers = {h: for_hook(normalisers, h) for h in self.hooks}
         self.d_in = self.d_ins[self.hooks[0]] if len(self.hooks) == 1 else None
         self.autocast = self._resolve_autocast()
+        self.compiled = self._resolve_compile()
         keys: dict[tuple, list[int]] = {}
         for i, cfg in enumerate(self.saes):
             keys.setdefault((self.sae_hooks[i], *cfg.group_key()[1:]), []).append(i)
@@ -100,7 +110,7 @@ class SweepTrainer:
         for (hook, *_), idx in keys.items():
             for chunk in self._stacks(idx):
                 self.groups.append(_Group([self.saes[i] for i in chunk], chunk, hook, self.d_ins[hook], train,
-                                          self.device, dtype, self.normalisers[hook]))
+                                          self.device, dtype, self.normalisers[hook], self.compiled))
         self.window = Metrics(self)
         """The open logging window: part of the resumable state, so a resumed run logs what an uninterrupted one
         would."""
@@ -112,6 +122,14 @@ class SweepTrainer:
 
             return self.dtype == torch.float32 and resolve_dtype("auto", self.device) == "bfloat16"
         return self.train.autocast == "bf16"
+
+    def _resolve_compile(self) -> bool:
+        """Whether the loss runs through `torch.compile`: `on`, or `auto` on CUDA where inductor (triton) is there."""
+        if self.train.compile != "auto":
+            return self.train.compile == "on"
+        from torch.utils._triton import has_triton
+
+        return self.device.type == "cuda" and has_triton()
 
     def by_hook(self, x: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
         """A batch as {hook: (rows, d_in)}; a bare tensor is accepted when every SAE trains on one hook."""
@@ -125,8 +143,8 @@ class SweepTrainer:
         """A batch in the original scale (a dict keyed by hook, or a bare (rows, d_in) tensor when every SAE
         trains on one hook) -> {hook: (rows, d_in)} of the trainer's hooks, on its device and in its dtype,
         in training scale."""
-        xs = self.by_hook(batch)
-        return {h: self.normalisers[h].to_training(xs[h].to(device=self.device, dtype=self.dtype, non_blocking=True))
+        xs = self.by_hook(batch)  # copied in the stored dtype (pinned, without blocking), converted and scaled there
+        return {h: self.normalisers[h].to_training(xs[h].to(self.device, non_blocking=True).to(self.dtype))
                 for h in self.hooks}
 
     def _stacks(self, idx: list[int]) -> list[list[int]]:
@@ -161,6 +179,9 @@ class SweepTrainer:
             with self._autocast():
                 res = g.loss(x, l1_mult)
             res.loss.backward()
+            fired = res.f.detach().amax(-2) > 0  # (K, d_sae); f >= 0: fired iff its max over rows is > 0
+            if self.dist is not None:
+                fired = self.dist.average_grads_(g.sae.parameters(), fired)
             if g.unit_norm:
                 project_decoder_grad_(g.sae.W_dec)
             lr = (g.lr * self.lr_multipliers(g)).to(self.device, g.sae.W_dec.dtype)
@@ -169,14 +190,27 @@ class SweepTrainer:
             if g.unit_norm:
                 normalize_decoder_(g.sae.W_dec)
             with torch.no_grad():
-                self._record(g, x, res, out)
+                self._record(g, x, res, fired, out)
         self.step += 1
+        self._batch_stats_(xs, out)
         return StepStats(**out)
 
+    @torch.no_grad()
+    def _batch_stats_(self, xs: dict[str, Tensor], out: dict[str, Tensor]) -> None:
+        """Fill `out["x_var"]` from the batch's moments; on several ranks, sum everything over them first (so the
+        StepStats are the global batch's on every rank)."""
+        moments = {h: _moments(xs[h]) for h in self.hooks}
+        if self.dist is not None:
+            self.dist.all_reduce_sum_([*out.values(), *moments.values()])
+            for name in MEAN_STATS:
+                out[name] /= self.world_size
+        x_var = {h: m[-2] - m[:-2].dot(m[:-2]) / m[-1] for h, m in moments.items()}
+        out["x_var"] = torch.stack([x_var[h] for h in self.sae_hooks])
+
     @staticmethod
-    def _record(g: _Group, x: Tensor, res, out: dict[str, Tensor]) -> None:
+    def _record(g: _Group, x: Tensor, res, fired: Tensor, out: dict[str, Tensor]) -> None:
         g.steps_since_fired += 1
-        g.steps_since_fired.masked_fill_(res.f.amax(-2) > 0, 0)  # f >= 0: fired iff its max over rows is > 0
+        g.steps_since_fired.masked_fill_(fired, 0)
         x_hat, xf = res.x_hat.float(), x.float()
         vals = dict(l_recon=res.l_recon, l_sparsity=res.l_sparsity, l_aux=res.l_aux,
                     l0=torch.count_nonzero(res.f, dim=-1).double().mean(-1), sse=res.sq_err.double().sum(-1),
@@ -195,24 +229,32 @@ class SweepTrainer:
     @torch.no_grad()
     def resample(self, batches: list[Tensor]) -> dict[int, int]:
         """Resample each SAE's dead features (not fired for `dead_steps` steps) using `batches` as the scored
-        inputs; returns {sae index: features resampled} for the SAEs that changed."""
+        inputs; returns {sae index: features resampled} for the SAEs that changed. On several ranks every rank
+        scores the global batches (the ranks' shares gathered) and takes rank 0's resampled weights and moments."""
+        if self.dist is not None:
+            batches = [{h: self.dist.gather_rows(x) for h, x in self.by_hook(b).items()} for b in batches]
         done: dict[int, int] = {}
-        dead_steps = self.train.dead_steps
         for g in self.groups:
-            dead = g.steps_since_fired >= dead_steps
-            if not dead.any():
-                continue
-            hook_batches = [self.by_hook(b)[g.hook] for b in batches]
-            inputs = torch.cat(hook_batches)
-            with self._autocast():
-                sq_err = torch.cat([squared_error(b, g.sae(b)).float() for b in hook_batches], dim=-1)
-            for k in range(len(g.cfgs)):
-                if dead[k].any():
-                    n = resample_features_(g.sae, k, dead[k], inputs, sq_err[k], g.generators[k], g.adam).n_resampled
-                    g.steps_since_fired[k][dead[k]] = 0
-                    g.last_resample[k] = self.step
-                    done[g.indices[k]] = n
+            if self._resample_group(g, batches, done) and self.dist is not None:
+                self.dist.broadcast_([*g.sae.parameters(), *g.adam.exp_avg.values(), *g.adam.exp_avg_sq.values()])
         return done
+
+    def _resample_group(self, g: _Group, batches: list, done: dict[int, int]) -> bool:
+        """Resample the dead features of one stack (recording {sae index: features} in `done`); whether any were."""
+        dead = g.steps_since_fired >= self.train.dead_steps
+        if not dead.any():
+            return False
+        hook_batches = [self.by_hook(b)[g.hook] for b in batches]
+        inputs = torch.cat(hook_batches)
+        with self._autocast():
+            sq_err = torch.cat([squared_error(b, g.sae(b)).float() for b in hook_batches], dim=-1)
+        for k in range(len(g.cfgs)):
+            if dead[k].any():
+                n = resample_features_(g.sae, k, dead[k], inputs, sq_err[k], g.generators[k], g.adam).n_resampled
+                g.steps_since_fired[k][dead[k]] = 0
+                g.last_resample[k] = self.step
+                done[g.indices[k]] = n
+        return True
 
     @torch.no_grad()
     def nonfinite_saes(self) -> list[int]:
@@ -279,6 +321,12 @@ class SweepTrainer:
             self.window.load_state(i, state["window"])
 
 
+def _moments(x: Tensor) -> Tensor:
+    """(d_in + 2,) float64: the sum of the rows, the sum of their squared norms, the row count."""
+    xd = x.double()
+    return torch.cat([xd.sum(0), xd.pow(2).sum().reshape(1), xd.new_tensor([len(xd)])])
+
+
 class Metrics:
     """Accumulates StepStats over a logging window and turns them into one dict per SAE."""
 
@@ -289,7 +337,6 @@ class Metrics:
     def reset(self) -> None:
         self.sums: dict[str, Tensor] = {}
         self.rows = self.steps = 0
-        self.x_var: dict[str, Tensor | float] = {}
         self.start_clock()
 
     def start_clock(self) -> None:
@@ -298,30 +345,25 @@ class Metrics:
 
     def state(self, i: int) -> dict:
         """SAE `i`'s share of the open window (plain floats: float64 sums round-trip exactly)."""
-        hook = self.trainer.sae_hooks[i]
-        return {"steps": self.steps, "rows": self.rows, "sums": {k: float(v[i]) for k, v in self.sums.items()},
-                "x_var": float(self.x_var[hook]) if hook in self.x_var else None}
+        return {"steps": self.steps, "rows": self.rows, "sums": {k: float(v[i]) for k, v in self.sums.items()}}
 
     def load_state(self, i: int, state: dict) -> None:
         """Put SAE `i`'s saved share of a window back (every SAE of a resumed sweep saved the same step)."""
         if not state["steps"]:
             return
         t = self.trainer
-        for name, value in state["sums"].items():
+        sums = {"x_var": state.get("x_var"), **state["sums"]}  # checkpoints before x_var was a StepStats field
+        for name, value in sums.items():
             if name not in self.sums:
                 self.sums[name] = torch.zeros(len(t.saes), device=t.device, dtype=torch.float64)
             self.sums[name][i] = value
-        self.x_var[t.sae_hooks[i]] = torch.tensor(state["x_var"], device=t.device, dtype=torch.float64)
         self.steps, self.rows = state["steps"], state["rows"]
 
     def add(self, stats: StepStats, x: Tensor | dict[str, Tensor]) -> None:
+        """Add one step's (global) StepStats; `x` is this rank's batch (its rows, times the ranks, are the step's)."""
         for name, v in stats._asdict().items():
             self.sums[name] = self.sums.get(name, 0) + v
-        xs = self.trainer.by_hook(x)
-        for hook, xh in xs.items():
-            xf = xh.float()
-            self.x_var[hook] = self.x_var.get(hook, 0.0) + (xf - xf.mean(0)).pow(2).sum().double()
-        self.rows += next(iter(xs.values())).shape[0]
+        self.rows += next(iter(self.trainer.by_hook(x).values())).shape[0] * self.trainer.world_size
         self.steps += 1
         self.timed_steps += 1
 
@@ -330,7 +372,6 @@ class Metrics:
         if not self.steps:
             return []
         s = {k: v.cpu().tolist() for k, v in self.sums.items()}
-        x_var = {h: float(v) for h, v in self.x_var.items()}
         wall = max(time.perf_counter() - self.t0, 1e-9)
         t, rows = self.trainer, self.rows
         out = []
@@ -342,7 +383,7 @@ class Metrics:
                 "l_aux": l_aux, "l0": s["l0"][i] / self.steps,
                 "mse": t.normalisers[hook].original_mse(s["sse"][i], rows, t.d_ins[hook]),
                 # per logging window (trainer/rundir.py defines it beside eval.json's explained_variance)
-                "explained_variance_window": 1 - s["sse"][i] / max(x_var[hook], 1e-30),
+                "explained_variance_window": 1 - s["sse"][i] / max(s["x_var"][i], 1e-30),
                 "gamma": xx / xh if xh else float("nan"),  # arXiv 2404.16014 eq. 10, a ratio of window means
                 "dead_fraction": t.dead_fraction(i), "lr": t.lr_now(i), "l1_coefficient": t.l1_now(i),
                 "steps_per_s": self.timed_steps / wall, "data_wait_fraction": min(1.0, wait_s / wall),

@@ -8,16 +8,16 @@ File names and readers of a run directory: rundir.py.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from saeforge.stores.errors import StoreError
 from saeforge.stores.progress import progress_bar
-from saeforge.trainer import guards, rundir
-from saeforge.trainer.checkpoint import checkpoint_record, checkpoint_steps, load_common_checkpoints, save_checkpoint
+from saeforge.trainer import ddp, guards, rundir
+from saeforge.trainer.checkpoint import (check_world_size, checkpoint_record, checkpoint_steps, load_common_checkpoints,
+                                         loader_position, save_checkpoint)
 from saeforge.trainer.config import SAEConfig, TrainConfig, config_dict
-from saeforge.trainer.device import resolve_device
 from saeforge.trainer.errors import ConfigError, NonFinite, ResumeMismatch, RunExists
 from saeforge.trainer.loggers import TRACKER_FIELDS, JsonlSink, check_trackers, close_sinks, open_sinks
 from saeforge.trainer.loop import FitEvents, SweepTrainer, fit
@@ -125,12 +125,15 @@ class _Run(FitEvents):
                  loader, progress: bool):
         self.trainer, self.run_dirs, self.records, self.store_infos = trainer, run_dirs, records, store_infos
         self.loader = loader
-        self.sinks = [JsonlSink(d) for d in run_dirs]
+        self.writer = trainer.dist is None or trainer.dist.rank == 0
+        """Whether this process writes the run directories (rank 0 of a data-parallel run)."""
+        self.sinks = [JsonlSink(d) for d in run_dirs] if self.writer else []
         """Where each SAE's metrics rows go (trainer/loggers.py); `_train` adds the trackers."""
         self.last: list[dict] = []
         self.saved_step: int | None = None
         """The step of the checkpoint on disk (None: none yet)."""
-        self.bar = progress_bar(trainer.train.steps, desc="", unit="step", enabled=progress, initial=trainer.step,
+        self.bar = progress_bar(trainer.train.steps, desc="", unit="step", enabled=progress and self.writer,
+                                initial=trainer.step,
                                 dynamic_ncols=True)
 
     def wait_s(self) -> float:
@@ -146,7 +149,7 @@ class _Run(FitEvents):
                                  wait=f"{rows[0]['data_wait_fraction']:.0%}", refresh=False)
 
     def on_resample(self, done: dict[int, int]) -> None:
-        for i, n in done.items():
+        for i, n in done.items() if self.writer else ():
             self.sinks[i].log({"step": self.trainer.step, "event": "resample", "features": n})
 
     def on_checkpoint(self) -> None:
@@ -156,9 +159,11 @@ class _Run(FitEvents):
             raise NonFinite(f"step {self.trainer.step}: the weights of {', '.join(bad[:3])} are not finite although "
                             "every loss up to here was, so training diverged; lower lr or l1_coefficient (or "
                             "lengthen lr_warmup_steps) and train into a new output")
-        loader_state = self.loader.state_dict()
-        for i, (run_dir, record) in enumerate(zip(self.run_dirs, self.records)):
-            save_checkpoint(run_dir, {**self.trainer.sae_state(i), "loader": loader_state, "record": record})
+        dist, position = self.trainer.dist, self.loader.state_dict()
+        positions = [position] if dist is None else dist.all_gather_object(position)  # every rank's, in rank order
+        for i, (run_dir, record) in enumerate(zip(self.run_dirs, self.records) if self.writer else ()):
+            save_checkpoint(run_dir, {**self.trainer.sae_state(i), "loader": positions[0], "loader_ranks": positions,
+                                      "world_size": len(positions), "record": record})
             self.save_weights(i)
         self.saved_step = self.trainer.step
 
@@ -176,27 +181,43 @@ class _Run(FitEvents):
                  saeforge={**self.records[i], "steps_done": self.trainer.step, "store_info": info})
 
 
-def _start(loader, trainer: SweepTrainer, run_dirs: list[Path], state: str, sweep_record: dict | None) -> None:
-    """Resume the trainer and loader from the newest common checkpoint, or start fresh run directories. Either
-    way the temporary files of writes a kill interrupted go."""
-    for d in {*run_dirs, *(d.parent for d in run_dirs if sweep_record is not None)}:
+def _start(loader, trainer: SweepTrainer, run_dirs: list[Path], state: str, sweep_record: dict | None,
+           checkpoints: list[dict] | None, writer: bool) -> None:
+    """Resume the trainer and loader from `checkpoints` (the newest common ones; this rank's loader position), or
+    start fresh run directories. Either way the temporary files of writes a kill interrupted go. Only the `writer`
+    (rank 0) touches the run directories."""
+    for d in {*run_dirs, *(d.parent for d in run_dirs if sweep_record is not None)} if writer else ():
         rundir.remove_temp_files(d)
     if state == "resume":
-        states = load_common_checkpoints(run_dirs)
-        for i, ckpt in enumerate(states):
+        for i, ckpt in enumerate(checkpoints):
             trainer.load_sae_state(i, ckpt)
-        loader.load_state_dict(states[0]["loader"])
-        for d in run_dirs:
+        loader.load_state_dict(loader_position(checkpoints[0], loader.rank))
+        for d in run_dirs if writer else ():
             rundir.truncate_metrics(d, trainer.step)
         return
-    for d in run_dirs:
+    for d in run_dirs if writer else ():
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot create {d}: {e.strerror}; choose another output") from None
         rundir.clear_metrics(d)
-    if sweep_record is not None:
+    if sweep_record is not None and writer:
         rundir.write_sweep(run_dirs[0].parent, sweep_record)
+
+
+class _Setup(NamedTuple):
+    """What `_prepare` checked and built, before anything is written."""
+    out: Path
+    run_dirs: list[Path]
+    store: Any
+    sae_hooks: list[str]
+    trainer: SweepTrainer
+    records: list[dict]
+    loader: Any
+    state: str | None
+    """`new`, `resume` or `complete` (`check_run_dirs`); None on ranks other than 0, which do not read the runs."""
+    checkpoints: list[dict] | None
+    """The checkpoints to resume from (rank 0 reads them)."""
 
 
 def train_from_store(store: str | Path, saes: list[SAEConfig], train: TrainConfig, out: str | Path, *,
@@ -213,40 +234,70 @@ def train_from_store(store: str | Path, saes: list[SAEConfig], train: TrainConfi
     keeps its last good checkpoint and weights, and the same command resumes from them.
 
     `store` may be an fsspec URL, opened with `storage_options` (credentials, endpoint; never recorded); `out` is
-    a local path (ConfigError for a URL)."""
+    a local path (ConfigError for a URL).
+
+    Under torchrun (`WORLD_SIZE > 1`) every rank calls it alike: data-parallel training (trainer/ddp.py) where
+    `batch_rows` is the global batch, rank 0 alone writes, a run resumes only with the world size it was
+    checkpointed with, a failure before training stops every rank with one message, and every rank returns the
+    summary."""
+    with ddp.session(train.device) as (device, dist):
+        s = ddp.agreed(dist, lambda: _prepare(store, saes, train, out, sweep=sweep, resume=resume, dtype=dtype,
+                                              storage_options=storage_options, device=device, dist=dist))
+        share = (lambda x: x) if dist is None else dist.broadcast_object  # rank 0's value, on every rank
+        trainer, run_dirs, state = s.trainer, s.run_dirs, share(s.state)
+        summary = lambda rows, wait: [  # noqa: E731
+            {"run_dir": str(d), **row, "arch": c.arch, "d_sae": c.d_sae, "hook": h,
+             "recon_scale": trainer.recon_scale(i), "loader_wait_s": wait}
+            for i, (d, c, h, row) in enumerate(zip(run_dirs, saes, s.sae_hooks, rows))]
+        writer = dist is None or dist.rank == 0
+        if state == "complete":
+            return summary(share([rundir.last_metrics(d) for d in run_dirs] if writer else None), 0.0)
+        sweep_record = {"runs": [d.name for d in run_dirs], "store": str(s.store.path), "hooks": trainer.hooks,
+                        "train": config_dict(train), "saes": [config_dict(c) for c in saes]} if sweep else None
+        checkpoints = share(s.checkpoints) if state == "resume" else None
+        ddp.agreed(dist, lambda: _start(s.loader, trainer, run_dirs, state, sweep_record, checkpoints, writer))
+        run = _Run(trainer, run_dirs, s.records, [rundir.store_info(s.store, h) for h in s.sae_hooks], s.loader,
+                   progress)
+        run.saved_step = trainer.step if state == "resume" else None
+        _train(run, s.loader, state, group=s.out.name if sweep else None)
+        return summary(run.last or share([rundir.last_metrics(d) for d in run_dirs] if writer else None),
+                       round(run.wait_s(), 3))
+
+
+def _prepare(store, saes: list[SAEConfig], train: TrainConfig, out, *, sweep: bool, resume: bool, dtype, storage_options,
+             device: torch.device, dist: ddp.Dist | None) -> _Setup:
+    """Everything `train_from_store` checks and builds before it writes anything (every rank; rank 0 alone reads
+    the run directories and their checkpoints)."""
     from saeforge.stores import StoreLoader
 
     out = guards.check_out(out)
     check_trackers(train.log_to)
     run_dirs = run_dirs_for(out, saes, sweep)
-    device = resolve_device(train.device)
     st, sae_hooks, norms = _open_checked(store, saes, train, storage_options)
+    world, rank = (1, 0) if dist is None else (dist.world_size, dist.rank)
+    ddp.check_shards(st, train.batch_rows, world)
     d_ins = {h: st.d(h) for h in norms}
-    trainer = SweepTrainer(saes, train, d_ins, normalisers=norms, device=device, dtype=dtype)
+    trainer = SweepTrainer(saes, train, d_ins, normalisers=norms, device=device, dtype=dtype, dist=dist)
     compute = "bfloat16" if trainer.autocast else str(dtype).removeprefix("torch.")
     fingerprint = guards.store_fingerprint(st)
-    records = [run_record(s, train, store=str(st.path), d_in=d_ins[h], input_scale=norms[h].scale,
-                          compute_dtype=compute, store_sha256=fingerprint) for s, h in zip(saes, sae_hooks)]
-    if sweep:
-        check_sweep_file(out, [d.name for d in run_dirs])
-    state = check_run_dirs(run_dirs, records, steps=train.steps, resume=resume)
-    summary = lambda rows, wait: [  # noqa: E731
-        {"run_dir": str(d), **row, "arch": s.arch, "d_sae": s.d_sae, "hook": h,
-         "recon_scale": trainer.recon_scale(i), "loader_wait_s": wait}
-        for i, (d, s, h, row) in enumerate(zip(run_dirs, saes, sae_hooks, rows))]
-    if state == "complete":
-        return summary([rundir.last_metrics(d) for d in run_dirs], 0.0)
-
-    guards.check_writable([out, *run_dirs] if sweep else run_dirs)
-    loader = StoreLoader(st, hooks=list(norms), batch_rows=train.batch_rows, seed=train.data_seed,
-                         threads=train.loader_threads, pin_memory=device.type == "cuda")
-    sweep_record = {"runs": [d.name for d in run_dirs], "store": str(st.path), "hooks": list(norms),
-                    "train": config_dict(train), "saes": [config_dict(s) for s in saes]} if sweep else None
-    _start(loader, trainer, run_dirs, state, sweep_record)
-    run = _Run(trainer, run_dirs, records, [rundir.store_info(st, h) for h in sae_hooks], loader, progress)
-    run.saved_step = trainer.step if state == "resume" else None
-    _train(run, loader, state, group=out.name if sweep else None)
-    return summary(run.last or [rundir.last_metrics(d) for d in run_dirs], round(run.wait_s(), 3))
+    records = [run_record(c, train, store=str(st.path), d_in=d_ins[h], input_scale=norms[h].scale,
+                          compute_dtype=compute, store_sha256=fingerprint) for c, h in zip(saes, sae_hooks)]
+    state = checkpoints = None
+    if rank == 0:
+        if sweep:
+            check_sweep_file(out, [d.name for d in run_dirs])
+        state = check_run_dirs(run_dirs, records, steps=train.steps, resume=resume)
+        if state != "complete":
+            guards.check_writable([out, *run_dirs] if sweep else run_dirs)
+        if state == "resume":
+            checkpoints = load_common_checkpoints(run_dirs)
+            check_world_size(run_dirs[0], checkpoints[0], world)
+    # on CUDA, bf16 rows travel as stored (half the bytes, pinned) and become float32 on the device
+    wire = torch.bfloat16 if device.type == "cuda" and st.dtype == "bfloat16" else torch.float32
+    loader = StoreLoader(st, hooks=list(norms), batch_rows=train.batch_rows // world, seed=train.data_seed,
+                         threads=train.loader_threads, pin_memory=device.type == "cuda", rank=rank, world_size=world,
+                         interleave=world > 1, out_dtype=wire)
+    return _Setup(out, run_dirs, st, sae_hooks, trainer, records, loader, state, checkpoints)
 
 
 def _train(run: _Run, loader, state: str, group: str | None = None) -> None:
@@ -259,9 +310,10 @@ def _train(run: _Run, loader, state: str, group: str | None = None) -> None:
         if state == "new":
             run.on_checkpoint()  # step 0: the directory holds a resumable run from the start
         elif trainer.step >= steps:  # stopped between its last checkpoint and its last weights
-            for i in range(len(run.run_dirs)):
+            for i in range(len(run.run_dirs)) if run.writer else ():
                 run.save_weights(i)
-        run.sinks = open_sinks(trainer.train, run.run_dirs, run.records, step=trainer.step, group=group)
+        if run.writer:
+            run.sinks = open_sinks(trainer.train, run.run_dirs, run.records, step=trainer.step, group=group)
         fit(trainer, map(trainer.prepare, batches), steps=steps, events=run)
         ok = True
     except (NonFinite, StoreError) as exc:

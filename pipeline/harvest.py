@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Literal, NamedTuple
 
 from saeforge.pipeline.batches import Batch, check_rows_available, window_batches
-from saeforge.pipeline.data import describe_dataset
+from saeforge.pipeline.data import check_hf_name, describe_dataset
 from saeforge.pipeline.errors import ConfigError, HarvestError
 from saeforge.pipeline.paths import check_output_dir
 from saeforge.pipeline.provenance import Provenance, TextProvenance
@@ -219,7 +219,7 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
             on_batch: Callable[[Batch], None] | None = None) -> HarvestResult:
     """Harvest ``cfg.tokens`` rows of every hook into the store at ``cfg.out``: resumes an interrupted store, and
     returns the recorded result without running anything when the store is already complete for this config."""
-    from saeforge.pipeline.lm import hook_dims, load_lm, resolve_hooks
+    from saeforge.pipeline.lm import check_model, hook_dims, load_lm, resolve_hooks
     from saeforge.stores import open_store, write_run_record
     from saeforge.trainer.device import resolve_dtype
 
@@ -237,6 +237,10 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     done = completed_result(cfg)
     if done is not None:
         return done
+    # Cheapest first, and nothing under --out until the model, its hooks and the text's first batch are known good:
+    # a store created earlier would record a failed run's settings and refuse the corrected command.
+    if lm is None:
+        check_model(cfg.model, layers=cfg.layers, sites=cfg.sites, hooks=cfg.hooks)  # its config alone, no weights
     record = dataset_record(cfg)
     lm = lm or load_lm(cfg.model, device=cfg.device, dtype=cfg.lm_dtype)
     hooks = resolve_hooks(lm, hooks=list(cfg.hooks), layers=list(cfg.layers), sites=list(cfg.sites))
@@ -245,7 +249,7 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     prov = harvest_provenance(cfg, lm, hooks, record)
     if check_resumable(cfg.out, prov, cfg.storage_options):  # complete, same provenance, no record: write it
         return record_complete(cfg, hooks, t0)
-    check_rows_available(prov.text, lm.tokenizer, cfg.tokens, cfg.batch_size)
+    check_text(prov.text, lm.tokenizer, cfg)
     dims = hook_dims(lm, hooks)
     writer = open_writer(cfg, dims, prov, progress)
     with writer as w:
@@ -295,9 +299,22 @@ def recorded_config(cfg: HarvestConfig) -> dict:
 
 
 def dataset_record(cfg: HarvestConfig) -> dict:
-    """What the store records about its text source (``data.describe_dataset``), from the config."""
-    return describe_dataset(cfg.dataset, split=cfg.split, text_column=cfg.text_column, data_files=cfg.data_files,
-                            token_column=cfg.token_column)
+    """What the store records about its text source (``data.describe_dataset``), from the config; an HF datasets
+    name is checked at once (``data.check_hf_name``: offline, it must be in datasets' cache), even one described
+    without being opened (a token column given)."""
+    record = describe_dataset(cfg.dataset, split=cfg.split, text_column=cfg.text_column, data_files=cfg.data_files,
+                              token_column=cfg.token_column)
+    if record["kind"] == "hf":
+        check_hf_name(record)
+    return record
+
+
+def check_text(text, tokenizer, cfg: HarvestConfig) -> None:
+    """The text before the store is created: a finite source holds ``cfg.tokens`` rows (``check_rows_available``,
+    which tokenises them once into the token cache); a streamed one yields its first batch (name, columns, ids)."""
+    check_rows_available(text, tokenizer, cfg.tokens, cfg.batch_size)
+    if text.dataset["kind"] == "hf":
+        next(window_batches(text, tokenizer, cfg.batch_size, cfg.tokens), None)
 
 
 def open_writer(cfg: HarvestConfig, dims: dict[str, int], prov: Provenance, progress: bool):

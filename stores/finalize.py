@@ -9,6 +9,7 @@ it by writing a small record, atomically::
 
     <store>/.saeforge/shards/s0000012.json     shard 12 is written: its rows and float64 sums (exact JSON)
     <store>/.saeforge/sub/t0000012-3f9c1a2b/    scratch of the task starting at shard 12 (oversized buckets)
+    <store>/.saeforge/stop                      the writer gave up (a task failed): the others stop at a shard
 
 A resumed writer skips the shards that have a record. At the end the records' sums are added in shard
 order, so the statistics, like the arrays, are the same bytes whatever ran the tasks. Tasks run in the
@@ -23,7 +24,7 @@ import os
 import secrets
 import signal
 from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, NamedTuple
 
@@ -37,7 +38,7 @@ from saeforge.stores.spec import WriterSpec
 from saeforge.stores.staging import StagedFile
 from saeforge.stores.stats import StatsAccumulator
 
-SHARDS, SCRATCH = "shards", "sub"
+SHARDS, SCRATCH, STOP = "shards", "sub", "stop"
 POLL_S = 0.5
 """Seconds between looks at the shard records while a pool runs (the progress bar's step)."""
 DEFAULT_EXECUTOR = "threads"
@@ -116,42 +117,54 @@ class FinalizeJob(NamedTuple):
     def record(self, shard: int) -> str:
         return f"{self.state_dir}/{SHARDS}/s{shard:07d}.json"
 
+    @property
+    def stop(self) -> str:
+        """Written when the writer gives up (a task failed, an interrupt): running tasks stop at a shard."""
+        return f"{self.state_dir}/{STOP}"
+
 
 # --- the task -----------------------------------------------------------------------------------------
-def write_shards(job: FinalizeJob, task: ShardTask, on_shard: Callable[[int], None] | None = None) -> int:
-    """Write and commit shards [task.first, task.stop) of every array; returns the rows written. Runs
-    anywhere the store's location can be written; ``on_shard(rows)`` after each commit (in-process only)."""
-    import zarr
-
-    spec = job.spec
-    group = zarr.open_group(job.loc.zarr_store(), mode="r+")
-    # every chunk is written, even one equal to the fill value: a reader then knows that a chunk file
-    # or shard-index entry that is not there is damage, never a chunk of zeros
-    arrays = {f.name: group[f.name].with_config({"write_empty_chunks": True}) for f in spec.fields()}
+def write_shards(job: FinalizeJob, task: ShardTask, on_shard: Callable[[int], None] | None = None) -> None:
+    """Write and commit shards [task.first, task.stop) of every array, stopping at a shard boundary when the
+    writer gave up (``job.stop``). Runs anywhere the store's location can be written; ``on_shard(rows)`` after
+    each commit (in the writer's process only)."""
+    arrays = _open_arrays(job)
     # a scratch folder of its own: two tasks that read the same oversized boundary bucket never collide, nor
-    # do two attempts of one task (an executor may rerun a task it presumed lost)
-    scratch = f"{job.state_dir}/{SCRATCH}/t{task.first:07d}-{secrets.token_hex(4)}"
-    # the scatter of an oversized bucket buffers a quarter of a bucket (its bytes do not depend on it)
+    # do two attempts of one task (an executor may rerun a task it presumed lost); the scatter of an oversized
+    # bucket buffers a quarter of a bucket (the bytes it gives do not depend on that)
+    spec, scratch = job.spec, f"{job.state_dir}/{SCRATCH}/t{task.first:07d}-{secrets.token_hex(4)}"
     ctx = ShuffleContext(job.loc, spec.fields(), spec.seed, max(1, spec.bucket_max_rows // 4),
                          spec.bucket_max_rows, scratch)
-    lo, hi = job.rows_of(task.first)[0], job.rows_of(task.stop - 1)[1]
-    sizes = [job.size_of(k) for k in range(task.first, task.stop)]
-    shards = _fill(_task_rows(ctx, task, lo, hi), sizes, ctx)
+    shards = _fill(_task_rows(ctx, task, job), [job.size_of(k) for k in range(task.first, task.stop)], ctx)
     try:
         for k, shard in zip(range(task.first, task.stop), shards):
-            a, b = job.rows_of(k)
-            for name, arr in arrays.items():
-                arr[a:b] = shard[name]
-            acc = StatsAccumulator.empty(spec.hooks)
-            acc.add({h: shard[h] for h in spec.hooks}, spec.dtype)
-            commit_shard(job, k, b - a, acc)
+            if job.loc.fs.exists(job.stop):
+                return
+            _write_shard(job, arrays, k, shard)
             if on_shard is not None:
-                on_shard(b - a)
+                on_shard(job.size_of(k))
     finally:
         shards.close()  # the open buckets' scratch folders go first
         if job.loc.fs.exists(scratch):
             job.loc.fs.rm(scratch, recursive=True)
-    return hi - lo
+
+
+def _open_arrays(job: FinalizeJob) -> dict:
+    import zarr
+
+    group = zarr.open_group(job.loc.zarr_store(), mode="r+")
+    # every chunk is written, even one equal to the fill value: a reader then knows that a chunk file
+    # or shard-index entry that is not there is damage, never a chunk of zeros
+    return {f.name: group[f.name].with_config({"write_empty_chunks": True}) for f in job.spec.fields()}
+
+
+def _write_shard(job: FinalizeJob, arrays: dict, k: int, shard: dict) -> None:
+    a, b = job.rows_of(k)
+    for name, arr in arrays.items():
+        arr[a:b] = shard[name]
+    acc = StatsAccumulator.empty(job.spec.hooks)
+    acc.add({h: shard[h] for h in job.spec.hooks}, job.spec.dtype)
+    commit_shard(job, k, b - a, acc)
 
 
 def commit_shard(job: FinalizeJob, shard: int, rows: int, acc: StatsAccumulator) -> None:
@@ -159,7 +172,8 @@ def commit_shard(job: FinalizeJob, shard: int, rows: int, acc: StatsAccumulator)
     write_json_atomic(job.loc, job.record(shard), {"rows": int(rows), "stats": acc.to_json()})
 
 
-def _task_rows(ctx: ShuffleContext, task: ShardTask, lo: int, hi: int) -> Iterator[Segment]:
+def _task_rows(ctx: ShuffleContext, task: ShardTask, job: FinalizeJob) -> Iterator[Segment]:
+    lo, hi = job.rows_of(task.first)[0], job.rows_of(task.stop - 1)[1]
     for span in task.spans:
         a, b = max(lo, span.start) - span.start, min(hi, span.start + span.size) - span.start
         yield from bucket_rows(ctx, list(span.pieces), span.salt, a, b)
@@ -271,6 +285,7 @@ def committed_shards(job: FinalizeJob) -> set[int]:
 def run(job: FinalizeJob, files: list[StagedFile], options: FinalizeOptions, executor: Executor | None,
         on_rows: Callable[[int], None]) -> None:
     """Write every shard without a record; ``on_rows(rows)`` as shards commit."""
+    prepare(job)
     done = committed_shards(job)
     pending = [k for k in range(job.n_shards) if k not in done]
     if not pending:
@@ -289,9 +304,19 @@ def run(job: FinalizeJob, files: list[StagedFile], options: FinalizeOptions, exe
         _run_on(pool, job, tasks, workers, on_rows, done)
 
 
+def prepare(job: FinalizeJob) -> None:
+    """Clear what stopped or killed tasks left (no task runs now: the writer holds the lock)."""
+    fs = job.loc.fs
+    for leftover in (f"{job.state_dir}/{SCRATCH}", job.stop):
+        if fs.exists(leftover):
+            fs.rm(leftover, recursive=True)
+    fs.makedirs(f"{job.state_dir}/{SHARDS}", exist_ok=True)
+
+
 def _run_on(executor: Executor, job: FinalizeJob, tasks: list[ShardTask], workers: int,
             on_rows: Callable[[int], None], seen: set[int]) -> None:
-    """At most ``workers`` tasks in flight; the first failure stops the rest (after the running ones end)."""
+    """At most ``workers`` tasks in flight. The first failure (or an interrupt) stops the others at their next
+    shard and returns once none runs: nothing writes into the store after the writer gives up its lock."""
     queue, running = list(reversed(tasks)), {}
     seen = set(seen)
     try:
@@ -307,10 +332,15 @@ def _run_on(executor: Executor, job: FinalizeJob, tasks: list[ShardTask], worker
             for future in finished:
                 del running[future]
                 future.result()  # a task's error is the writer's
+    except BaseException:
+        if running:
+            with suppress(OSError):  # a full disk: the running tasks then end their whole task
+                job.loc.fs.pipe_file(job.stop, b"")
+        raise
     finally:
         for future in running:
             future.cancel()
-        wait(running)  # nothing may write into the store once the writer gives up its lock
+        wait(running)
 
 
 @contextmanager

@@ -298,11 +298,8 @@ class StoreWriter:
     def _write_rows(self, executor: Executor | None) -> None:
         """Every shard without a commit record; ``rows_written`` in the progress record follows them (for
         people and messages: the shard records are what counts)."""
-        p, job, fs = self._progress, self._job(), self.loc.fs
+        p, job = self._progress, self._job()
         p.pop("stats_acc", None)  # the running sums of writers before shard records
-        if fs.exists(f"{self._state_dir}/{finalize.SCRATCH}"):  # what killed tasks left
-            fs.rm(f"{self._state_dir}/{finalize.SCRATCH}", recursive=True)
-        fs.makedirs(f"{self._state_dir}/{finalize.SHARDS}", exist_ok=True)
         p["rows_written"] = sum(job.size_of(k) for k in finalize.committed_shards(job))
         self._commit()
         with progress_bar(p["n_rows"], initial=p["rows_written"], desc="shuffle+write", unit="row",

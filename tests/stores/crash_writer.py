@@ -25,6 +25,8 @@ SETTINGS = dict(dtype="bfloat16", seed=3, expected_rows=N // 2, memory_limit_byt
 memory for two shard tasks at a time (``finalize.max_tasks_in_memory``)."""
 KILL_ENV = "SAEFORGE_CRASH_KILL_AT"
 """How a kill point reaches the finalize worker processes (they import this file as ``__mp_main__``)."""
+STORE_ENV = "SAEFORGE_CRASH_STORE"
+"""The store's path, in the environment of this process and of its workers (test_crash finds survivors by it)."""
 
 
 def batches():
@@ -39,9 +41,12 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def kill_writer():
-    """In a finalize worker process: kill the writer that started it, then this worker."""
-    os.kill(os.getppid(), signal.SIGKILL)
+def kill_writer(writer: int) -> None:
+    """In a finalize worker process: kill the writer that started it, then this worker. A worker whose writer
+    is gone already (another worker killed it) carries on, as a worker that outlived its writer would."""
+    if os.getppid() != writer:
+        return
+    os.kill(writer, signal.SIGKILL)
     die()
 
 
@@ -88,6 +93,7 @@ def arm(kill_at: str, executor: str) -> None:
 
 
 def main(path, kill_at=None, workers=1, executor="threads"):
+    os.environ[STORE_ENV] = os.path.abspath(path)
     if kill_at:
         arm(kill_at, executor)
     try:
@@ -124,4 +130,5 @@ def parse(argv: list[str]) -> dict:
 if __name__ == "__main__":
     sys.exit(main(**parse(sys.argv[1:])))
 elif __name__ == "__mp_main__" and os.environ.get(KILL_ENV):  # a finalize worker process of an armed writer
-    arm_shard(int(os.environ[KILL_ENV].split(":")[1]), kill_writer)
+    WRITER = os.getppid()
+    arm_shard(int(os.environ[KILL_ENV].split(":")[1]), lambda: kill_writer(WRITER))

@@ -17,6 +17,8 @@ from saeforge.stores import open_store, verify_store
 from saeforge.stores.schema import STATE_DIR
 
 SCRIPT = Path(__file__).with_name("crash_writer.py")
+STORE_ENV = "SAEFORGE_CRASH_STORE"
+"""crash_writer.STORE_ENV."""
 KILLED_IN: list[str] = []
 """Writer phase found after each kill (staging / writing / complete), to check both passes got hit."""
 
@@ -102,9 +104,10 @@ def test_kills_hit_both_the_staging_and_the_writing_pass():
 
 
 def run_until(path, kill_at: str, *pool) -> int:
-    """Run the producer armed to SIGKILL itself at ``kill_at`` (crash_writer.arm); its exit code."""
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(path), kill_at, *pool], stdout=subprocess.PIPE, text=True)
-    return proc.returncode
+    """Run the producer armed to SIGKILL itself at ``kill_at`` (crash_writer.arm); its exit code (once it exits:
+    a worker that outlived it, holding its stdout, is assert_no_worker_survives's to find)."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(path), kill_at, *pool], stdout=subprocess.DEVNULL)
+    return proc.wait(timeout=120)
 
 
 def progress(path: Path) -> dict:
@@ -127,6 +130,23 @@ def committed(path: Path) -> set[int]:
     return {int(p.stem[1:]) for p in (path / STATE_DIR / "shards").glob("s*.json")}
 
 
+def assert_no_worker_survives(path: Path) -> None:
+    """No finalize worker of a killed writer lives on to write into its store (they die with the writer;
+    crash_writer marks its processes with the store's path in their environment)."""
+    mark = f"{STORE_ENV}={path}".encode()
+    time.sleep(0.2)  # the kernel's own time to deliver the signal
+    survivors = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if mark in environ.read_bytes().split(b"\0"):
+                survivors.append(int(environ.parent.name))
+        except OSError:  # gone meanwhile, or not ours
+            pass
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert survivors == []
+
+
 def rows_in(shards: set[int]) -> int:
     return sum(min(128, 4000 - 128 * k) for k in shards)  # 32 shards of 128 rows, the last one of 32
 
@@ -139,8 +159,10 @@ def test_killed_twice_while_finalizing_then_resumed_is_bit_identical(tmp_path, r
     assert progress(path)["phase"] == "writing"
     done = committed(path)
     assert 2 <= len(done) < 32  # this run's first two shards (and a pool's others) committed; not its third
+    assert_no_worker_survives(path)
     assert run_until(path, "shard:2", *second) == -signal.SIGKILL  # resumed in the write phase, killed again
     again = committed(path)
+    assert_no_worker_survives(path)
     assert progress(path)["phase"] == "writing" and done < again and len(again) < 32
     assert rows_in(done) <= progress(path)["rows_written"] <= rows_in(again)  # a pool's count may lag its records
     assert run_writer(path)[0] == 0

@@ -80,8 +80,10 @@ def _load_lm_plugin(model: str, device: str, dtype: str, threads: int):
 
         def setup(self, worker):
             import torch
+            from transformers.utils import logging as hf_logging
 
             torch.set_num_threads(threads)
+            hf_logging.disable_progress_bar()  # N workers' weight-loading bars would interleave on the driver's tty
             worker_lm(model, device, dtype)
 
     return LoadLM()

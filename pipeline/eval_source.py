@@ -107,8 +107,10 @@ def _source_of(info, store_override: str | None, opened: dict,
     recorded = read_store_info(info.run_dir)
     path = store_override or info.store
     if path is None and recorded is None:
-        raise EvalError(f"{info.run_dir}: cfg.json records no training store, so there is no held-out text to "
-                        "use; pass --store with a store of the same hook and text")
+        what = ("is an SAE SAELens wrote (cfg.json has no saeforge record)" if "saeforge" not in info.cfg else
+                "records no training store in cfg.json")
+        raise EvalError(f"{info.run_dir} {what}, so there is no held-out text to use; pass --store with a store "
+                        f"that holds its hook {info.hook_name}")
     if path is not None:
         try:
             if path not in opened:

@@ -1,9 +1,10 @@
 """Evaluate SAE run directories on their training store's held-out text and write `eval.json` into each.
 
 The splicing itself is `saeforge.pipeline.splice.evaluate_hooks`; which store (or cfg.json) a run is evaluated
-from is `saeforge.pipeline.eval_source`; this module loads the LM, regenerates the held-out windows, reuses the cached clean/ablation cross-entropies (they depend only on model, hook and
-text), adds paired bootstrap intervals over windows (`saeforge.pipeline.bootstrap`), and turns the engine's
-results into the eval.json records that `saeforge plot` reads. A run whose eval.json is current (same
+from is `saeforge.pipeline.eval_source`; this module loads the LM, regenerates the held-out windows, reuses the
+cached clean/ablation cross-entropies (they depend only on model, hook and text), adds paired bootstrap intervals
+over windows (`saeforge.pipeline.bootstrap`), and turns the engine's results into the eval.json records that
+`saeforge plot` reads. A run whose eval.json is current (same
 settings, weights and store: `saeforge.pipeline.eval_files`) is not evaluated again.
 
 Compute dtype: by default the LM runs in the dtype the store was harvested with (provenance `lm_dtype`), so
@@ -171,11 +172,32 @@ def resolve_settings(cfg: EvalConfig, store_dtype: str | None, *, warn: bool = T
     return replace(cfg, device=str(device), dtype=resolve_dtype(spec, device, warn=warn)), store_dtype
 
 
-def _check_models(runs, spec: str) -> None:
+def _model_names(spec: str, prov) -> set[str]:
+    """Every name of the model ``spec``: itself, the hub name TransformerLens resolves it to, and, when it is the
+    store's model, the hub name and alias its provenance records (``smollm2-135m`` is HuggingFaceTB/SmolLM2-...)."""
+    from saeforge.pipeline.lm import official_name
+
+    names = {spec, official_name(spec)}
+    if spec == prov.model:
+        names |= {prov.model_info.get(k) for k in ("hf_name", "alias")} - {None}
+    return names
+
+
+def _check_models(runs, spec: str, prov) -> None:
+    """Every run names the model evaluated (by any of its names). A folder SAELens wrote names it in its own way
+    (``gpt2-small``, a local path): a mismatch there is one line on stderr, not a refusal."""
+    from saeforge.pipeline.lm import official_name
+
+    names = _model_names(spec, prov)
     for _, info in runs:
-        if info.model_name and info.model_name != spec:
-            raise EvalError(f"run {info.run_dir} was trained on model {info.model_name!r}, not {spec!r}; "
-                            "drop --model or pass the model it was trained on")
+        if not info.model_name or {info.model_name, official_name(info.model_name)} & names:
+            continue
+        if "saeforge" not in info.cfg:
+            print(f"saeforge eval: {info.run_dir} (written by SAELens) names model {info.model_name!r}; evaluating it "
+                  f"with {spec!r}", file=sys.stderr)
+            continue
+        raise EvalError(f"run {info.run_dir} was trained on model {info.model_name!r}, not {spec!r}; "
+                        "drop --model or pass the model it was trained on")
 
 
 def _intervals(a, r: SpliceResult, cfg: EvalConfig) -> dict:
@@ -263,7 +285,7 @@ def _evaluate_group(source: EvalSource, runs, cfg: EvalConfig, lms: dict, progre
     prov = source.provenance
     spec = cfg.model or prov.model or runs[0][1].model_name
     _n_batches(prov.text, cfg)  # cheap checks fail before the model loads
-    _check_models(runs, spec)
+    _check_models(runs, spec, prov)
     settings, store_dtype = resolve_settings(cfg, prov.lm_dtype, warn=False)
     identity = {str(info.run_dir): F.run_identity(asdict(settings), info.run_dir, source.identity_doc(info))
                 for _, info in runs}

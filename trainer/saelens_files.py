@@ -5,6 +5,12 @@ Weights are saved in the activations' ORIGINAL scale: the hook's normalisation i
 Tensor names and cfg keys follow SAELens v6 (`architecture` "standard" or "gated"; `W_enc (d_in, d_sae)` is
 the Gated SAE's shared W_gate; `metadata.hook_name`); saeforge's own record sits under the `saeforge` key
 (rundir.py lists what it holds).
+
+`load_sae` also reads a folder SAELens 6 wrote (`SAE.save_model`: no `saeforge` record): `standard` becomes the
+baseline SAE and `gated` the Gated SAE, whose arithmetic is SAELens's (its `W_enc` is the shared `W_gate`); tensors
+in any dtype are cast to float32, `apply_b_dec_to_input: false` is folded into the encoder biases, and the hook is
+`metadata.hook_name` (a TransformerLens hook name such as `blocks.0.hook_resid_post`). What it cannot compute (TopK,
+JumpReLU, `normalize_activations` other than `none`, an SAE of one head) is refused naming the key.
 """
 from __future__ import annotations
 
@@ -96,11 +102,59 @@ def save_sae(sae: SAE, run_dir: str | Path, *, hook_name: str, normaliser: Norma
     return run_dir
 
 
+SAELENS_READ = {"standard": "baseline", "gated": "gated", "saeforge_gated_untied": "gated"}
+"""cfg.json `architecture` -> the module that computes it (SAELens's topk, jumprelu, ... have none here)."""
+
+
+def _key_problem(cfg: dict) -> str | None:
+    """The first cfg.json key whose value saeforge cannot compute, as `key value: why` (None: all can be)."""
+    meta = cfg.get("metadata") or {}
+    if cfg.get("architecture") not in SAELENS_READ:
+        return (f"architecture {cfg.get('architecture')!r} is not one saeforge computes "
+                f"({', '.join(a for a in SAELENS_READ if not a.startswith('saeforge'))})")
+    if cfg.get("normalize_activations", "none") != "none":
+        return (f"normalize_activations {cfg['normalize_activations']!r}: saeforge evaluates SAEs on raw activations; "
+                "fold the normalisation into the weights and save with normalize_activations 'none'")
+    if cfg.get("reshape_activations", "none") not in ("none", "hook_z"):
+        return f"reshape_activations {cfg['reshape_activations']!r}: expected 'none' or 'hook_z'"
+    if meta.get("hook_head_index") is not None:
+        return f"metadata.hook_head_index {meta['hook_head_index']!r}: an SAE of one attention head is not supported"
+    if not (meta.get("hook_name") or cfg.get("hook_name")):
+        return "metadata.hook_name is missing: the SAE names no hook point"
+    return None
+
+
+def _centre_input_(cfg: dict, state: dict) -> None:
+    """SAELens's `apply_b_dec_to_input: false` (the encoder reads x, not x - b_dec) in saeforge's form, which
+    always centres: the encoder biases absorb b_dec @ W_enc (the Gated magnitude path scaled by exp(r_mag))."""
+    if cfg.get("apply_b_dec_to_input", True):
+        return
+    shift = state["b_dec"] @ state["W_enc"]  # (d_sae,)
+    if "b_enc" in state:
+        state["b_enc"] = state["b_enc"] + shift
+        return
+    state["b_gate"] = state["b_gate"] + shift
+    if "W_mag" in state:  # the untied-encoder ablation: its own magnitude encoder
+        state["b_mag"] = state["b_mag"] + state["b_dec"] @ state["W_mag"]
+    else:
+        state["b_mag"] = state["b_mag"] + shift * (state["r_mag"].exp() if "r_mag" in state else 1.0)
+
+
 def _module_for(cfg: dict, state: dict, run_dir: Path) -> SAE:
-    """An empty SAE module of the architecture cfg.json names; renames W_enc back to W_gate in `state`."""
-    arch = {"standard": "baseline", "gated": "gated", "saeforge_gated_untied": "gated"}.get(cfg["architecture"])
-    if arch is None:
-        raise RunNotFound(f"{run_dir}: unsupported architecture {cfg['architecture']!r}")
+    """An empty SAE module of the architecture cfg.json names; `state` (float32, in place) in saeforge's form:
+    W_enc renamed W_gate, a SAELens `apply_b_dec_to_input: false` folded into the biases. RunNotFound naming the
+    key when cfg.json asks for something saeforge does not compute (``normalize_activations``, TopK, ...)."""
+    missing = [k for k in ("d_in", "d_sae") if not isinstance(cfg.get(k), int)]
+    if missing:
+        raise RunNotFound(f"{run_dir / CFG_FILE} is not an SAE config saeforge can read (no integer "
+                          f"{' and '.join(missing)})")
+    problem = _key_problem(cfg)
+    if problem:
+        raise RunNotFound(f"{run_dir / CFG_FILE}: {problem}")
+    for name, tensor in state.items():
+        state[name] = tensor.float()
+    _centre_input_(cfg, state)
+    arch = SAELENS_READ[cfg["architecture"]]
     if arch == "baseline":
         return make_sae("baseline", cfg["d_in"], cfg["d_sae"])
     state["W_gate"] = state.pop("W_enc")

@@ -22,6 +22,11 @@ of that staged store (``StoreWriter.close``: shuffle, compress, write) with 1 wo
 threads and in processes, each in a process of its own (its peak RSS is reported), interleaved over
 ``--finalize-repeats``; it checks that every variant wrote the same bytes and writes its measurements to
 ``--results`` (one JSON line per measurement on stdout too). Target: all cores >= 1.7x one worker on 2 cores.
+
+Section ``distributed`` harvests the same ``--dist-tokens`` rows with a random-weight ``--model-config`` Llama
+(saved to disk, so dask workers load it by path) in one process and with ``--workers`` dask worker processes
+(``pipeline/distributed.py``), end to end (cluster start, model loads, stream, finalize), and checks that both
+stores hold the same index arrays. On a 2-core machine this shows the overhead of the cluster, not a speed-up.
 """
 from __future__ import annotations
 
@@ -48,6 +53,8 @@ PRESETS = {  # LlamaConfig fields; realistic sizes for a GPU throughput run
                      num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096),
     "llama-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                      num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096),
+    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=8192, max_position_embeddings=1024),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=512),
 }
@@ -317,6 +324,27 @@ def finalize_once(path: str, workers: int, kind: str, args) -> dict:
     return {"seconds": seconds, "cpu_s": cpu, "peak_rss_mib": peak[0] / 2**20}
 
 
+def busy_cores(seconds: float = 3.0) -> float:
+    """Cores busy over the next ``seconds`` (from /proc/stat; 0.0 where there is none): other users' work."""
+    def ticks():
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+
+    if not Path("/proc/stat").exists():
+        return 0.0
+    (total0, idle0), _ = ticks(), time.sleep(seconds)
+    total1, idle1 = ticks()
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(1, total1 - total0))
+
+
+def wait_until_idle(max_busy: float, timeout: float) -> float:
+    """Wait (up to ``timeout`` s) until fewer than ``max_busy`` cores are busy; the last reading."""
+    deadline, busy = time.monotonic() + timeout, busy_cores()
+    while busy > max_busy and time.monotonic() < deadline:
+        busy = busy_cores()
+    return busy
+
+
 def store_digest(path: Path) -> str:
     """sha256 over every file of a complete store (path and bytes)."""
     h = hashlib.sha256()
@@ -339,13 +367,14 @@ def run_finalize(args):
         for workers, kind in variants:
             copy = tmp / f"copy-{workers}-{kind}"
             shutil.copytree(staged, copy)
-            load = os.getloadavg()[0]  # other users of the cores, for reading the figure
+            # other users of the cores (a shared machine): wait for a quiet moment, and record what was seen
+            busy = wait_until_idle(args.max_busy, args.wait_idle) if args.wait_idle else busy_cores()
             out = subprocess.run([sys.executable, __file__, "--finalize-one", str(copy), str(workers), kind,
                                   "--memory-mb", str(args.memory_mb), "--rows", str(args.rows), "--d", str(args.d)],
                                  capture_output=True, text=True, check=True)
             m = json.loads(out.stdout.strip().splitlines()[-1])
             m.update(section="finalize", repeat=r, workers=workers, executor=kind, rows=args.rows, d=args.d,
-                     rows_per_s=args.rows / m["seconds"], load_before=load)
+                     rows_per_s=args.rows / m["seconds"], busy_cores_before=round(busy, 2))
             digests.setdefault(f"{workers}-{kind}", store_digest(copy))
             shutil.rmtree(copy)
             rows.append(m)
@@ -362,8 +391,7 @@ def report_finalize(args, rows, digests, variants):
     summary = {f"{w}-{k}": {"median_rows_per_s": statistics.median(rates(w, k)), "best_rows_per_s": max(rates(w, k)),
                             "median_ratio": statistics.median(rates(w, k)) / statistics.median(serial),
                             "best_ratio": max(rates(w, k)) / max(serial)} for w, k in variants}
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cpu = _cpu()
     same = len(set(digests.values())) == 1
     result = {"cpu": cpu, "cores": os.cpu_count(), "rows": args.rows, "d": args.d, "memory_mb": args.memory_mb,
               "folder": str(args.tmp or tempfile.gettempdir()), "same_bytes": same, "summary": summary,
@@ -379,7 +407,51 @@ def report_finalize(args, rows, digests, variants):
     print(f"results in {args.results}")
 
 
-SECTIONS = {"stream": run_stream, "finalize": run_finalize}
+def run_distributed(args):
+    """Single process vs ``--workers`` dask workers, the same harvest end to end."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from saeforge.pipeline.harvest import HarvestConfig, harvest
+    from saeforge.stores import open_store
+
+    tmp = Path(args.tmp or tempfile.mkdtemp(prefix="bench_distributed_"))
+    model_dir, corpus = tmp / "model", synthetic_corpus(tmp, int(1.3 * args.dist_tokens) + 20_000)
+    tok = train_tokenizer(model_dir, synthetic_corpus(tmp / "tok", 200_000), 4096)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{**PRESETS[args.model_config or "small"], "vocab_size": len(tok)},
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(model_dir)
+    base = HarvestConfig(out=str(tmp / "unused"), model=str(model_dir), device="cpu", lm_dtype="float32", dataset=str(corpus),
+                         layers=(2,), sites=("resid_post", "mlp_out"), tokens=args.dist_tokens,
+                         context_size=args.context_size, batch_size=args.batch_size, store_dtype="bfloat16")
+    runs = {}
+    for name, workers in (("single", 0), (f"{args.workers}-workers", args.workers)):
+        t = time.perf_counter()
+        r = harvest(replace(base, out=str(tmp / name), workers=workers), progress=False)
+        runs[name] = {"wall_s": time.perf_counter() - t, "stream_s": r.lm_s, "finalize_s": r.write_s,
+                      "rows": r.rows, "load_before": os.getloadavg()[0]}
+        print(json.dumps({"section": "distributed", "run": name, **runs[name]}), flush=True)
+    stores = [open_store(tmp / name) for name in runs]
+    same = all(np.array_equal(getattr(stores[0], f)(), getattr(stores[1], f)()) for f in ("token_ids", "seq_idx", "pos"))
+    single, dist = runs["single"], runs[f"{args.workers}-workers"]
+    result = {"cpu": _cpu(), "cores": os.cpu_count(), "model": args.model_config or "small", "runs": runs,
+              "same_index_arrays": same, "wall_ratio": single["wall_s"] / dist["wall_s"],
+              "stream_ratio": single["stream_s"] / dist["stream_s"]}
+    Path(args.dist_results).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{args.dist_tokens:,} rows, {_cpu()}, {os.cpu_count()} cores: single {single['wall_s']:.1f} s end to end "
+          f"(stream {single['stream_s']:.1f}, finalize {single['finalize_s']:.1f}); {args.workers} dask workers "
+          f"{dist['wall_s']:.1f} s (stream {dist['stream_s']:.1f}, finalize {dist['finalize_s']:.1f}); "
+          f"single/distributed wall {result['wall_ratio']:.2f}x; same index arrays: {same}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cpu() -> str:
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+
+
+SECTIONS = {"stream": run_stream, "finalize": run_finalize, "distributed": run_distributed}
 
 
 def main(argv=None):
@@ -402,8 +474,15 @@ def main(argv=None):
     f.add_argument("--d", type=int, default=576)
     f.add_argument("--memory-mb", type=int, default=1024, help="the writer's memory_limit_bytes, in MiB")
     f.add_argument("--finalize-repeats", type=int, default=2)
+    f.add_argument("--wait-idle", type=float, default=0, help="before each measurement wait up to this many seconds "
+                   "until fewer than --max-busy cores are busy with other work (a shared machine)")
+    f.add_argument("--max-busy", type=float, default=0.2)
     f.add_argument("--tmp", default=None, help="folder for the staged input and its copies (default: a temp dir)")
     f.add_argument("--results", default=str(Path(__file__).parent / "results" / "bench_harvest_finalize.json"))
+    d = ap.add_argument_group("section distributed (also --model-config, --context-size, --batch-size, --tmp)")
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--dist-tokens", type=int, default=200_000)
+    d.add_argument("--dist-results", default=str(Path(__file__).parent / "results" / "bench_harvest_distributed.json"))
     ap.add_argument("--finalize-one", nargs=3, metavar=("PATH", "WORKERS", "EXECUTOR"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.finalize_one:

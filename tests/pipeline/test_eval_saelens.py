@@ -150,3 +150,24 @@ def test_a_saelens_folder_without_store_is_told_to_pass_one(tmp_path):
     folder = saelens_folder(tmp_path / "sae", "gated", HOOKS[0])
     one_error_line(cli("eval", "--quiet", "--device", "cpu", folder), "an SAE SAELens wrote",
                    f"pass --store with a store that holds its hook {HOOKS[0]}")
+
+
+def test_model_names_match_through_transformerlens_aliases_and_the_stores_record(capsys):
+    """A run names its model as it was given: the store of `--model gpt2-small` records `gpt2` with the alias."""
+    from types import SimpleNamespace
+
+    from saeforge.pipeline.errors import EvalError
+    from saeforge.pipeline.evaluate import _check_models
+
+    prov = SimpleNamespace(model="gpt2", model_info={"source": "hub", "hf_name": "gpt2", "alias": "gpt2-small"})
+
+    def run(name, saeforge=True):
+        return None, SimpleNamespace(model_name=name, run_dir=f"runs/{name}", cfg={"saeforge": {}} if saeforge else {})
+
+    _check_models([run("gpt2"), run("gpt2-small"), run("GPT2-Small"), run(None)], "gpt2", prov)
+    _check_models([run("gpt2")], "gpt2-small", prov)  # --model by its alias
+    with pytest.raises(EvalError, match="runs/gpt2-medium was trained on model 'gpt2-medium', not 'gpt2'"):
+        _check_models([run("gpt2-medium")], "gpt2", prov)
+    assert capsys.readouterr().err == ""
+    _check_models([run("gpt2-medium", saeforge=False)], "gpt2", prov)  # SAELens's name: said, not refused
+    assert "runs/gpt2-medium (written by SAELens) names model 'gpt2-medium'" in capsys.readouterr().err

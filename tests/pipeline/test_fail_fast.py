@@ -75,6 +75,18 @@ def test_sites_and_layers_are_refused_from_the_config_alone(tmp_path, tiny_model
     assert not (tmp_path / "store").exists()
 
 
+def test_a_distributed_harvest_checks_before_any_worker_starts(tmp_path, tiny_model_dir, corpus, monkeypatch):
+    import distributed
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dask cluster was started before the bad input was refused")
+
+    monkeypatch.setattr(distributed, "LocalCluster", refuse)
+    res = harvest(tmp_path / "store", tiny_model_dir, corpus, "--workers", "2", "--layers", "0", "--sites", "mlp")
+    one_error_line(res, "unknown site 'mlp'", "did you mean mlp_out?")
+    assert not (tmp_path / "store").exists()
+
+
 @pytest.mark.parametrize("model, dataset, needles", [
     ("smollm2", "CORPUS", ["model 'smollm2' is not in the Hugging Face cache", "HF_HUB_OFFLINE=1",
                            "did you mean smollm2-135m?"]),

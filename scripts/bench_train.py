@@ -1,21 +1,25 @@
 """Training throughput against the GEMM bound, Gated/baseline cost, K-SAE sweep cost, and data wait.
 
     python scripts/bench_train.py                                   # CPU, d_in 576, d_sae 4608, batch 4096
-    python scripts/bench_train.py --device cuda --d-sae 9216 --dtypes bf16
+    python scripts/bench_train.py --device cuda --d-sae 9216 --dtypes bf16     # compile auto: on for CUDA
+    python scripts/bench_train.py --dtypes fp32 --out scripts/results/bench_train_cpu.json
 
 Every figure is a ratio measured in this run (the machine may be shared):
   * rows/s of a training step (baseline, Gated; fp32 and bf16 autocast) / GEMM-bound rows/s, where the bound is
     the step's matmul FLOPs (baseline 10*B*n*M: encoder fwd + weight grad, decoder fwd + 2 grads; Gated 14*B*n*M:
-    + the aux decoder's fwd and input grad) divided by the GFLOP/s measured on the step's own GEMM shape;
+    + the aux decoder's fwd and input grad) divided by the GFLOP/s measured on the step's own GEMM shape right
+    before and after the step (the mean of the two);
   * Gated / baseline step time (paper: <= 1.5);
   * K-SAE sweep step time per SAE / one SAE's step time (target <= 1.0);
   * data-wait fraction when fed from a real store on disk (target <= 2%).
-Prints one JSON object.
+Prints one JSON object (and writes it to --out), naming the CPU, its load average at the start (the machine may be
+shared) and the GPU ("not lent" when this machine has none).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 
 from saeforge.trainer.config import SAEConfig, TrainConfig
+from saeforge.trainer.device import cpu_name
 from saeforge.trainer.loop import SweepTrainer
 
 FLOPS_PER_BNM = {"baseline": 10, "gated": 14}
@@ -58,22 +63,25 @@ def step_time(saes, args, device, autocast, steps) -> float:
                         compile=args.compile, stack_mib=args.stack_mib)
     trainer = SweepTrainer(saes, train, args.d_in, device=device)
     x = torch.randn(args.batch, args.d_in, device=device)
-    return timed(lambda: trainer.train_step(x), device, steps, warmup=3 if args.compile else 2)
+    return timed(lambda: trainer.train_step(x), device, steps, warmup=3 if trainer.compiled else 2)
 
 
 def throughput(args, device) -> dict:
     out = {}
     for prec in args.dtypes:
         autocast, dtype = ("bf16", torch.bfloat16) if prec == "bf16" else ("none", torch.float32)
-        gflops = gemm_gflops(args.batch, args.d_in, args.d_sae, dtype, device, args.steps)
-        times = {}
+        times, rates = {}, []
         for arch in ("baseline", "gated"):
+            # the GEMM rate right before and after the steps: on a shared machine the load moves between measurements
+            before = gemm_gflops(args.batch, args.d_in, args.d_sae, dtype, device, args.steps)
             dt = step_time([SAEConfig(arch=arch, d_sae=args.d_sae)], args, device, autocast, args.steps)
+            gflops = (before + gemm_gflops(args.batch, args.d_in, args.d_sae, dtype, device, args.steps)) / 2
+            rates.append(gflops)
             bound = FLOPS_PER_BNM[arch] * args.batch * args.d_in * args.d_sae / (gflops * 1e9)
             times[arch] = dt
             out[f"{arch}_{prec}"] = {"rows_per_s": round(args.batch / dt), "gemm_bound_rows_per_s":
                                      round(args.batch / bound), "fraction_of_gemm_bound": round(bound / dt, 3)}
-        out[f"gemm_gflops_{prec}"] = round(gflops, 1)
+        out[f"gemm_gflops_{prec}"] = [round(r, 1) for r in rates]
         out[f"gated_over_baseline_step_time_{prec}"] = round(times["gated"] / times["baseline"], 3)
         print(f"[{prec}] {json.dumps(out)}", file=sys.stderr)
     return out
@@ -129,14 +137,20 @@ def main():
     p.add_argument("--store-batches", type=int, default=64, help="store size in batches (0: skip)")
     p.add_argument("--store-steps", type=int, default=40)
     p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "sweep", "store"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the loss")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="TrainConfig.compile: torch.compile the loss (auto: on for CUDA, off on the CPU)")
     p.add_argument("--stack-mib", type=int, default=0, help="TrainConfig.stack_mib (0: auto)")
     p.add_argument("--tmp", default=None, help="directory for the temporary store")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "compile": args.compile, "d_in": args.d_in, "d_sae": args.d_sae, "batch": args.batch}
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not lent"
+    print(f"GPU: {gpu}; CPU: {cpu_name()}", file=sys.stderr)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "gpu": gpu,
+              "cpu": cpu_name(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+              "threads": torch.get_num_threads(), "compile": args.compile, "d_in": args.d_in, "d_sae": args.d_sae,
+              "batch": args.batch}
     if "throughput" not in args.skip:
         result.update(throughput(args, device))
     if "sweep" not in args.skip and args.k > 1:
@@ -144,6 +158,8 @@ def main():
     if "store" not in args.skip and args.store_batches:
         result.update(data_wait(args, device))
     print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -125,7 +125,8 @@ class TrainConfig:
 
     batch_rows: int = 4096
     """Activations per optimiser step (paper: 4096); at most the store's rows, so a batch never holds a row twice
-    (epochs repeat: a run may see every row many times)."""
+    (epochs repeat: a run may see every row many times). Under torchrun the global batch: each of the world_size
+    ranks takes batch_rows / world_size of its rows."""
 
     adam_betas: tuple[float, float] = (0.0, 0.999)
     """Adam (beta1, beta2); paper D.1.1: (0, 0.999) following Templeton et al."""
@@ -184,7 +185,8 @@ class TrainConfig:
     memory, unbounded on GPU). Results do not depend on it."""
 
     device: str = "auto"
-    """`auto` (cuda if available), `cpu`, `cuda`, `cuda:1`, ..."""
+    """`auto` (cuda if available), `cpu`, `cuda`, `cuda:1`, ... Under torchrun `auto` and `cuda` mean
+    cuda:LOCAL_RANK (one GPU per rank)."""
 
     log_every: int = 100
     """Steps between metrics.jsonl lines (and progress-bar updates)."""

@@ -70,8 +70,8 @@ def _env_int(name: str, default: int) -> int:
 class Dist:
     """The collectives a data-parallel run needs, over the default process group."""
 
-    def __init__(self, rank: int, world_size: int, device: torch.device):
-        self.rank, self.world_size, self.device = rank, world_size, device
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
 
     @torch.no_grad()
     def average_grads_(self, params: Iterable[Tensor], fired: Tensor) -> Tensor:
@@ -178,10 +178,11 @@ def session(device: str = "auto") -> Iterator[tuple[torch.device, Dist | None]]:
     if world <= 1:
         yield dev, None
         return
-    if dev.type == "cuda" and dev.index is None:
+    if dev.type not in ("cpu", "cuda") or dev.index is not None:
+        raise ConfigError(f"data-parallel training runs on cpu, or on cuda with one GPU per rank (cuda:LOCAL_RANK), "
+                          f"not on {device} (--device): pass --device auto, cuda or cpu")
+    if dev.type == "cuda":
         dev = torch.device("cuda", _env_int("LOCAL_RANK", 0))
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"data-parallel training runs on cpu or cuda, not {dev} (--device)")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     joined = not dist.is_initialized()
@@ -193,7 +194,7 @@ def session(device: str = "auto") -> Iterator[tuple[torch.device, Dist | None]]:
             raise ConfigError(f"WORLD_SIZE={world} but this process cannot join the process group "
                               f"({_one_line(exc)}); start data-parallel runs with torchrun") from None
     try:
-        yield dev, Dist(dist.get_rank(), dist.get_world_size(), dev)
+        yield dev, Dist(dist.get_rank(), dist.get_world_size())
     finally:
         if joined:
             dist.destroy_process_group()

@@ -323,8 +323,9 @@ class SweepTrainer:
 
 def _moments(x: Tensor) -> Tensor:
     """(d_in + 2,) float64: the sum of the rows, the sum of their squared norms, the row count."""
-    xd = x.double()
-    return torch.cat([xd.sum(0), xd.pow(2).sum().reshape(1), xd.new_tensor([len(xd)])])
+    f64 = torch.float64  # accumulated in float64, without a float64 copy of x
+    return torch.cat([x.sum(0, dtype=f64), torch.linalg.vector_norm(x, dtype=f64).square().reshape(1),
+                      x.new_tensor([len(x)], dtype=f64)])
 
 
 class Metrics:

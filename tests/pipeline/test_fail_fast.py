@@ -153,3 +153,30 @@ def test_an_unreachable_hub_is_probed_once_not_retried(tmp_path, tiny_model_dir,
     assert res.returncode == 1 and len(lines) == 1 and needle in lines[0], res.stderr
     assert "127.0.0.1:9 cannot be reached" in lines[0]
     assert not (tmp_path / "store").exists()
+
+
+def test_a_cached_dataset_name_is_read_from_the_cache_when_the_hub_is_unreachable(tmp_path, tiny_model_dir, corpus):
+    """datasets' cache holds `me/tiny` (a prepared copy, as `load_dataset` leaves one); the hub refuses connections
+    and no offline variable is set: the probe says so, and the copy is read offline instead of retried for."""
+    import glob
+    import shutil
+
+    import datasets
+
+    datasets.load_dataset("json", data_files=str(corpus), cache_dir=str(tmp_path / "build"), split="train")
+    built = glob.glob(str(tmp_path / "build" / "json" / "*" / "*" / "*" / "json-train.arrow"))
+    if not built:
+        pytest.skip("this datasets version lays out its cache differently")
+    copy = tmp_path / "datasets" / "me___tiny" / "default" / "0.0.0" / "0123abcd"
+    shutil.copytree(os.path.dirname(built[0]), copy)
+    (copy / "json-train.arrow").rename(copy / "tiny-train.arrow")
+    env = {k: v for k, v in os.environ.items() if k not in hub.OFFLINE_VARIABLES}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub"),
+               HF_DATASETS_CACHE=str(tmp_path / "datasets"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", "from saeforge.pipeline.cli import main; main()", "harvest", "--quiet", "--model",
+           str(tiny_model_dir), "--dataset", "me/tiny", "--layers", "0", "--sites", "resid_post", "--tokens", "300",
+           "--context-size", "16", "--device", "cpu", "--out", str(tmp_path / "store")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=45)
+    assert res.returncode == 0, res.stderr[-2000:]
+    store = open_store(str(tmp_path / "store"))
+    assert store.n_rows == 300 and store.provenance["dataset"]["name"] == "me/tiny"

@@ -25,8 +25,9 @@ _UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutEr
                 "ClientConnectorError", "ClientConnectionError", "ServerDisconnectedError", "ServerTimeoutError",
                 "ConnectionError", "TimeoutError"}
 _NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
-_BAD_CREDENTIALS = ("access key id", "invalidaccesskeyid", "signaturedoesnotmatch", "security token",
-                    "invalidtoken", "expiredtoken", "credential")
+_BAD_CREDENTIALS = ("access key id", "invalidaccesskeyid", "signaturedoesnotmatch", "request signature",
+                    "security token", "invalidtoken", "expiredtoken", "credential")
+"""Words of S3's messages for a key it does not know, a secret that does not match it, an expired token."""
 
 
 class RemoteStoreError(StoreError):

@@ -4,7 +4,7 @@ and a batch larger than the store (it would repeat rows).
 
 The store itself is checked where it is opened and read: `open_store` refuses a damaged store (attributes,
 arrays, statistics: `saeforge.stores.integrity`) and the loader refuses non-finite rows, naming them. Losses
-and weights are checked by the loop (`loop.check_finite`) and at checkpoints (`run.py`).
+and weights are checked by the loop (`fit.check_finite`) and at checkpoints (`run.py`).
 """
 from __future__ import annotations
 

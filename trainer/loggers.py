@@ -1,6 +1,6 @@
 """Where a run's metrics rows go: its metrics.jsonl always, and the experiment trackers `TrainConfig.log_to` names.
 
-Every row the training loop reports for an SAE (a logging window's metrics, `loop.Metrics.flush`, or an event line
+Every row the training loop reports for an SAE (a logging window's metrics, `window.Metrics.flush`, or an event line
 such as `{"step": s, "event": "resample", "features": n}`) goes to that SAE's one `MetricsSink`:
 
     sinks = open_sinks(train, run_dirs, records, step=trainer.step, group="sweep1")   # one per SAE

@@ -1,4 +1,4 @@
-"""Training many SAEs on the same batches: `SweepTrainer` (state + one optimiser step) and `fit` (the loop).
+"""Training many SAEs on the same batches: `SweepTrainer` (state + one optimiser step; the loop is `trainer/fit.py`).
 
 SAEs whose `SAEConfig.group_key()` match are stacked into one module and trained with batched matmuls; a run
 of one SAE is a stack of one, so a sweep of K and K single runs execute the same code. Each SAE draws its
@@ -10,44 +10,22 @@ initial weights and its resampling choices from generators seeded by its own see
 from __future__ import annotations
 
 import contextlib
-import time
-from typing import Iterable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from saeforge.trainer.config import SAEConfig, TrainConfig
 from saeforge.trainer.ddp import Dist
-from saeforge.trainer.errors import ConfigError, NonFinite
+from saeforge.trainer.errors import ConfigError
 from saeforge.trainer.losses import l1_training_factor, recon_scale, sae_loss, squared_error
 from saeforge.trainer.normaliser import Normaliser, for_hook
 from saeforge.trainer.optim import (StackAdam, normalize_decoder_, project_decoder_grad_, resample_multiplier,
                                     warmup_multiplier)
 from saeforge.trainer.resample import resample_features_
 from saeforge.trainer.sae import SAE, init_sae_, load_into_stack_, make_sae, unstack
+from saeforge.trainer.window import MEAN_STATS, Metrics, StepStats
 
 RESAMPLE_SEED_OFFSET = 0x5EED
-
-
-class StepStats(NamedTuple):
-    """Sums over one batch, one entry per SAE of the sweep (in sweep order); tensors, no host sync."""
-    l_recon: Tensor
-    l_sparsity: Tensor
-    l_aux: Tensor
-    l0: Tensor
-    """Mean count of f > 0 per row."""
-    sse: Tensor
-    """Sum over rows of ||x - x_hat||^2."""
-    xhat_sq: Tensor
-    """Sum over rows of ||x_hat||^2."""
-    x_dot_xhat: Tensor
-    """Sum over rows of x . x_hat."""
-    x_var: Tensor
-    """Sum over rows of ||x - mean_rows(x)||^2 of the SAE's hook (the explained variance's denominator)."""
-
-
-MEAN_STATS = ("l_recon", "l_sparsity", "l_aux", "l0")
-"""StepStats fields that are means over the batch's rows (the others are sums)."""
 
 
 class _Group:
@@ -326,144 +304,3 @@ def _moments(x: Tensor) -> Tensor:
     f64 = torch.float64  # accumulated in float64, without a float64 copy of x
     return torch.cat([x.sum(0, dtype=f64), torch.linalg.vector_norm(x, dtype=f64).square().reshape(1),
                       x.new_tensor([len(x)], dtype=f64)])
-
-
-class Metrics:
-    """Accumulates StepStats over a logging window and turns them into one dict per SAE."""
-
-    def __init__(self, trainer: SweepTrainer):
-        self.trainer = trainer
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, Tensor] = {}
-        self.rows = self.steps = 0
-        self.start_clock()
-
-    def start_clock(self) -> None:
-        """Time the window from now (a resumed window's steps before the restart are not timed)."""
-        self.t0, self.timed_steps = time.perf_counter(), 0
-
-    def state(self, i: int) -> dict:
-        """SAE `i`'s share of the open window (plain floats: float64 sums round-trip exactly)."""
-        return {"steps": self.steps, "rows": self.rows, "sums": {k: float(v[i]) for k, v in self.sums.items()}}
-
-    def load_state(self, i: int, state: dict) -> None:
-        """Put SAE `i`'s saved share of a window back (every SAE of a resumed sweep saved the same step)."""
-        if not state["steps"]:
-            return
-        t = self.trainer
-        sums = {"x_var": state.get("x_var"), **state["sums"]}  # checkpoints before x_var was a StepStats field
-        for name, value in sums.items():
-            if name not in self.sums:
-                self.sums[name] = torch.zeros(len(t.saes), device=t.device, dtype=torch.float64)
-            self.sums[name][i] = value
-        self.steps, self.rows = state["steps"], state["rows"]
-
-    def add(self, stats: StepStats, x: Tensor | dict[str, Tensor]) -> None:
-        """Add one step's (global) StepStats; `x` is this rank's batch (its rows, times the ranks, are the step's)."""
-        for name, v in stats._asdict().items():
-            self.sums[name] = self.sums.get(name, 0) + v
-        self.rows += next(iter(self.trainer.by_hook(x).values())).shape[0] * self.trainer.world_size
-        self.steps += 1
-        self.timed_steps += 1
-
-    def flush(self, wait_s: float = 0.0) -> list[dict]:
-        """One dict per SAE for the window since the last flush; then reset."""
-        if not self.steps:
-            return []
-        s = {k: v.cpu().tolist() for k, v in self.sums.items()}
-        wall = max(time.perf_counter() - self.t0, 1e-9)
-        t, rows = self.trainer, self.rows
-        out = []
-        for i, hook in enumerate(t.sae_hooks):
-            l_recon, l_sp, l_aux = (s[k][i] / self.steps for k in ("l_recon", "l_sparsity", "l_aux"))
-            xx, xh = s["xhat_sq"][i], s["x_dot_xhat"][i]
-            out.append({
-                "step": t.step, "loss": l_recon + l_sp + l_aux, "l_recon": l_recon, "l_sparsity": l_sp,
-                "l_aux": l_aux, "l0": s["l0"][i] / self.steps,
-                "mse": t.normalisers[hook].original_mse(s["sse"][i], rows, t.d_ins[hook]),
-                # per logging window (trainer/rundir.py defines it beside eval.json's explained_variance)
-                "explained_variance_window": 1 - s["sse"][i] / max(s["x_var"][i], 1e-30),
-                "gamma": xx / xh if xh else float("nan"),  # arXiv 2404.16014 eq. 10, a ratio of window means
-                "dead_fraction": t.dead_fraction(i), "lr": t.lr_now(i), "l1_coefficient": t.l1_now(i),
-                "steps_per_s": self.timed_steps / wall, "data_wait_fraction": min(1.0, wait_s / wall),
-            })
-        self.reset()
-        return out
-
-
-class FitEvents:
-    """What `fit` tells its caller, as one object (these defaults do nothing): metrics rows at every logging
-    step, features resampled, checkpoint time, and the seconds spent waiting for data so far."""
-
-    def on_log(self, rows: list[dict]) -> None:
-        """One dict per SAE (sweep order) for the logging window that just ended (`Metrics.flush`)."""
-
-    def on_resample(self, done: dict[int, int]) -> None:
-        """{SAE index: features resampled} after a resampling step that changed something."""
-
-    def on_checkpoint(self) -> None:
-        """Every `checkpoint_every` steps and at the last step: save what a resumed run needs."""
-
-    def wait_s(self) -> float:
-        """Seconds the loop has waited for batches so far (for `data_wait_fraction`)."""
-        return 0.0
-
-
-def fit(trainer: SweepTrainer, batches: Iterable, *, steps: int, events: FitEvents | None = None) -> None:
-    """Train until `trainer.step == steps` on `batches`: ANY iterator of prepared batches (`trainer.prepare`:
-    {hook: (rows, d_in)} on the trainer's device, in training scale). Resampling draws its scored inputs from
-    the same iterator. Reports to `events` every `log_every` steps, checkpoints every `checkpoint_every` steps
-    and at the end.
-
-    Raises NonFinite naming the first step whose loss is NaN or infinite, before any resampling, log line or
-    checkpoint that would carry it: the losses are read where the host syncs anyway (logging, resampling,
-    checkpoints), so the check costs no extra device sync. Batches are assumed finite (a store's loader refuses
-    non-finite rows), so such a loss means that training diverged."""
-    cfg, events = trainer.train, events or FitEvents()
-    metrics = trainer.window
-    metrics.start_clock()
-    unchecked: list[tuple[int, StepStats]] = []
-    it = iter(batches)
-    wait0 = events.wait_s()
-    while trainer.step < steps:
-        x = next(it)
-        stats = trainer.train_step(x)
-        metrics.add(stats, x)
-        unchecked.append((trainer.step, stats))
-        if trainer.resample_due():
-            check_finite(trainer, unchecked)
-            done = trainer.resample([next(it) for _ in range(trainer.resample_batches())])
-            if done:
-                events.on_resample(done)
-        log = trainer.step % cfg.log_every == 0 or trainer.step == steps
-        checkpoint = (cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0) or trainer.step == steps
-        if log or checkpoint:
-            check_finite(trainer, unchecked)
-        if log:
-            now = events.wait_s()
-            rows = metrics.flush(now - wait0)
-            wait0 = now
-            events.on_log(rows)
-        if checkpoint:
-            events.on_checkpoint()
-
-
-def check_finite(trainer: SweepTrainer, unchecked: list[tuple[int, StepStats]]) -> None:
-    """Empty `unchecked` ((step, its StepStats) since the last check); NonFinite naming the first step whose loss
-    is NaN or infinite and the SAEs it hit. One device-to-host copy of (steps, K) losses."""
-    if not unchecked:
-        return
-    losses = torch.stack([s.l_recon + s.l_sparsity + s.l_aux for _, s in unchecked]).cpu()
-    bad = ~torch.isfinite(losses)
-    steps = [step for step, _ in unchecked]
-    unchecked.clear()
-    if not bad.any():
-        return
-    j = int(bad.any(-1).nonzero()[0])
-    hit = bad[j].nonzero().flatten().tolist()
-    names = ", ".join(trainer.saes[i].run_name for i in hit[:3]) + (f" and {len(hit) - 3} more" if len(hit) > 3 else "")
-    raise NonFinite(f"step {steps[j]}: the loss of {names} is {float(losses[j, hit[0]])} on a finite batch, so "
-                    "training diverged; lower lr or l1_coefficient (or lengthen lr_warmup_steps) and train into a new "
-                    "output")

@@ -20,7 +20,8 @@ from saeforge.trainer.checkpoint import (check_world_size, checkpoint_record, ch
 from saeforge.trainer.config import SAEConfig, TrainConfig, config_dict
 from saeforge.trainer.errors import ConfigError, NonFinite, ResumeMismatch, RunExists
 from saeforge.trainer.loggers import TRACKER_FIELDS, JsonlSink, check_trackers, close_sinks, open_sinks
-from saeforge.trainer.loop import FitEvents, SweepTrainer, fit
+from saeforge.trainer.fit import FitEvents, fit
+from saeforge.trainer.loop import SweepTrainer
 from saeforge.trainer.normaliser import Normaliser
 from saeforge.trainer.saelens_files import save_sae
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from saeforge.trainer.config import SAEConfig, TrainConfig
-from saeforge.trainer.loop import FitEvents, SweepTrainer, fit
+from saeforge.trainer.fit import FitEvents, fit
+from saeforge.trainer.loop import SweepTrainer
 from saeforge.trainer.normaliser import Normaliser
 
 D_IN, ROWS = 8, 64

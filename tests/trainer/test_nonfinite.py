@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from saeforge.trainer.rundir import read_metrics
 from saeforge.trainer.config import SAEConfig, TrainConfig
 from saeforge.trainer.errors import NonFinite
-from saeforge.trainer.loop import FitEvents, SweepTrainer, fit
+from saeforge.trainer.fit import FitEvents, fit
+from saeforge.trainer.loop import SweepTrainer
 from saeforge.trainer.run import train_from_store
 from tests.trainer.test_bad_input import invoke, one_error_line
 from tests.trainer.test_run import BATCH, HOOK, train_cfg, write_store

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from saeforge.trainer.config import SAEConfig, TrainConfig
-from saeforge.trainer.loop import SweepTrainer, fit
+from saeforge.trainer.fit import fit
+from saeforge.trainer.loop import SweepTrainer
 from saeforge.trainer.normaliser import Normaliser
 
 D_IN, N_ATOMS, ACTIVE, ROWS, STEPS = 16, 32, 3, 256, 400

@@ -206,7 +206,8 @@ def main() -> None:
     print(f"store: {args.rows:,} rows x d={args.d} bf16, {result['bytes_stored'] / 2**20:.1f} MiB stored")
     for k, r in best.items():
         how = (f"read-ahead {r['read_ahead_units']} units of {r['unit_rows']} rows, consumer waited "
-               f"{r['wait_fraction']:.0%}" if "unit_rows" in r else f"{r['bytes_per_s'] / 2**20:,.0f} MiB/s, no decoding")
+               f"{r['wait_fraction']:.0%}" if "unit_rows" in r else
+               f"{r['bytes_per_s'] / 2**20:,.0f} MiB/s, no decoding")
         print(f"{k:<16} {r['rows_per_s']:>12,.0f} rows/s   ({how})")
     print(f"ratio s3 / local: {result['ratio_s3_over_local']:.2f}x best of each, "
           f"{result['median_paired_ratio_s3_over_local']:.2f}x median of passes (target >= 0.5); s3 in local-sized "

@@ -44,7 +44,7 @@ def store():
 
     A store at a URL is opened with --storage-options (its fsspec filesystem's options), e.g.
 
-        saeforge store verify s3://bucket/acts/l10 --storage-options '{"client_kwargs": {"endpoint_url": "http://localhost:9000"}}'
+        saeforge store verify s3://bucket/acts --storage-options '{"endpoint_url": "http://localhost:9000"}'
     """
 
 

@@ -77,11 +77,11 @@ def test_harvest_verify_train_eval_with_the_store_on_s3(s3, tmp_path, tiny_model
 
 
 def test_a_config_file_carries_the_storage_options_to_every_stage(s3, tmp_path, tiny_model_dir, corpus):
-    client = s3.options["client_kwargs"]
+    client = f'{{endpoint_url = "{s3.endpoint}", region_name = "us-east-1"}}'
     exp = tmp_path / "exp.toml"
     exp.write_text(f'''store = "{s3.url('acts')}"
 out = "{tmp_path / 'sweep'}"
-storage_options = {{key = "testing", secret = "{SECRET}", client_kwargs = {{endpoint_url = "{client['endpoint_url']}", region_name = "us-east-1"}}}}
+storage_options = {{key = "testing", secret = "{SECRET}", client_kwargs = {client}}}
 
 [harvest]
 model = "{tiny_model_dir}"

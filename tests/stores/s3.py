@@ -107,7 +107,8 @@ def iam_user(s3: S3, readable: tuple[str, ...] = ("*",)) -> dict:
     iam.create_user(UserName=name)
     policy = {"Version": "2012-10-17", "Statement": [
         {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": [f"arn:aws:s3:::{s3.bucket}"]},
-        {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [f"arn:aws:s3:::{s3.bucket}/{r}" for r in readable]}]}
+        {"Effect": "Allow", "Action": ["s3:GetObject"],
+         "Resource": [f"arn:aws:s3:::{s3.bucket}/{r}" for r in readable]}]}
     iam.put_user_policy(UserName=name, PolicyName="read-only", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName=name)["AccessKey"]
     return options(s3.endpoint, key["AccessKeyId"], key["SecretAccessKey"])

@@ -157,9 +157,9 @@ def locate(path_or_url, storage_options: dict | None = None) -> Location:
     """Local path (str or PathLike) or fsspec URL (``memory://``, ``s3://``, ...) -> Location.
 
     ``storage_options``: keyword arguments of the URL's fsspec filesystem (for s3fs: ``key``, ``secret``,
-    ``client_kwargs={"endpoint_url": ...}``, ...); ignored for local paths. Listings are not cached
-    (``use_listings_cache=False`` unless the options say otherwise): a store's files are written through zarr's
-    own filesystem instance too, and a cached listing would hide them. A Location passed in is returned as is.
+    ``client_kwargs={"endpoint_url": ...}``, ...); ignored for local paths. The filesystem caches no listings: a
+    store's files are also written through zarr's own filesystem instance, and a cached listing would hide them
+    (s3fs answers ``exists`` from its parent's listing). A Location passed in is returned as is.
     """
     import fsspec
 
@@ -169,8 +169,11 @@ def locate(path_or_url, storage_options: dict | None = None) -> Location:
         return path_or_url
     text = os.fspath(path_or_url)
     if is_url(text):
-        opts = {"use_listings_cache": False, **(storage_options or {})}
+        opts = dict(storage_options or {})
         fs, root = fsspec.core.url_to_fs(text, **opts)
-        return Location(text.rstrip("/"), fs, root.rstrip("/"), False, opts)
+        if getattr(fs, "dircache", None) is not None:  # fsspec's DirCache; the instance is shared, caching off
+            fs.dircache.use_listings_cache = False
+            fs.dircache.clear()
+        return Location(text.rstrip("/"), fs, root.rstrip("/"), False, opts or None)
     local = os.path.abspath(text.removeprefix("file://"))
     return Location(local, fsspec.filesystem("file"), local, True)

@@ -76,7 +76,7 @@ def test_sites_and_layers_are_refused_from_the_config_alone(tmp_path, tiny_model
 
 
 def test_a_distributed_harvest_checks_before_any_worker_starts(tmp_path, tiny_model_dir, corpus, monkeypatch):
-    import distributed
+    distributed = pytest.importorskip("distributed")
 
     def refuse(*args, **kwargs):
         raise AssertionError("a dask cluster was started before the bad input was refused")

@@ -58,8 +58,8 @@ class StoreLoader:
     A store at a URL is read a whole shard at a time (~64-75 MiB decoded per hook at the default layout, one
     request each, its index included: ``chunkread.py``), and each read in flight waits on the network in a thread
     of its own: an object store serves a few large GETs far better than many small ones, each of which pays the
-    request's latency (scripts/bench_remote.py, moto's S3 server on the same 2 cores: 0.10-0.23x of local disk's
-    rows/s in the local 4096-row units, 0.29-0.65x in whole shards). Memory in flight: read_ahead units.
+    request's latency (scripts/bench_remote.py, moto's S3 server on the same 2 cores: 0.17x of local disk's rows/s
+    in the local 4096-row units, 0.42x in whole shards). Memory in flight: read_ahead units.
     """
 
     def __init__(self, store_or_path, hooks=None, batch_rows: int = 4096, seed: int = 0, threads: int = 2,

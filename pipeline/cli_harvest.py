@@ -32,6 +32,7 @@ def harvest(config_file, writer_memory_mb, as_json, quiet, **flags):
     `storage_options` table that store's fsspec options. The store may live at a URL (its bucket must exist).
     Examples:
 
+    \b
         saeforge harvest --layers 10 --sites resid_post,mlp_out --tokens 1000000 --out stores/l10
         saeforge harvest --layers 10 --sites resid_post --out s3://bucket/l10 --storage-options '{"profile": "lab"}'
     """

@@ -286,6 +286,8 @@ def resolve_hooks(lm: LoadedLM, hooks: list[str] | None = None, layers: list[int
     problems = request_problems(layers or [], sites or [], [], n_layers,
                                 has_site=lambda site: f"blocks.0.{site}" in lm.bridge.hook_dict)
     if not problems:
+        problems += _absent_sites(lm, sites or [])
+    if not problems:
         names += [f"blocks.{layer}.{SITES.get(site, site)}" for layer in layers or [] for site in sites or []]
     for name in names:
         if name not in lm.bridge.hook_dict:
@@ -295,6 +297,17 @@ def resolve_hooks(lm: LoadedLM, hooks: list[str] | None = None, layers: list[int
     if problems:
         raise HookError("; ".join(problems))
     return list(dict.fromkeys(names))  # de-duplicated, order kept
+
+
+def _absent_sites(lm: LoadedLM, sites: list[str]) -> list[str]:
+    """Sites this architecture does not have (``resid_mid`` of a parallel-attention block, GPT-NeoX's), with the
+    sites it has."""
+    absent = [s for s in sites if f"blocks.0.{SITES.get(s, s)}" not in lm.bridge.hook_dict]
+    if not absent:
+        return []
+    has = [s for s in SITES if f"blocks.0.{SITES[s]}" in lm.bridge.hook_dict]
+    arch = lm.info.get("architecture", "this model")
+    return [f"site {s!r} does not exist on {arch}: its blocks have {', '.join(has)}" for s in absent]
 
 
 def stop_layer(hooks: list[str]) -> int | None:

@@ -1,4 +1,5 @@
-"""A non-Llama architecture end to end: a tiny GPT-2 built from a config, through the real CLI.
+"""A non-Llama architecture end to end: a tiny GPT-2 built from a config, through the real CLI (and GPT-NeoX's
+parallel blocks, which lack one site).
 
 harvest (resid_post, mlp_out, attn_out of both blocks, one pass) -> train a tiny SAE -> eval. The stored rows are
 the bridge's activations exactly; a trained SAE evaluates to finite numbers; an identity SAE (encoder [I, -I],
@@ -18,6 +19,7 @@ from click.testing import CliRunner
 from saeforge.pipeline.cli import main
 from saeforge.stores import open_store
 from tests.conftest import build_tiny_tokenizer
+from tests.pipeline.helpers import one_error_line
 
 SITES = ("resid_post", "mlp_out", "attn_out")
 HOOKS = [f"blocks.{layer}.hook_{site}" for layer in (0, 1) for site in SITES]
@@ -110,6 +112,23 @@ def test_train_then_eval_and_the_identity_splice_at_every_site(store, tmp_path):
     for rec in identities:
         im = rec["metrics"]
         assert rec["strategy"] == "shared_prefix", rec["hook"]  # resuming at a block is exact on GPT-2 too
+        assert im["ce_zero_ablation"] != im["ce_clean"], rec["hook"]  # the splice point is live
         assert im["ce_sae"] == pytest.approx(im["ce_clean"], abs=1e-6), rec["hook"]
         assert im["loss_recovered"] == pytest.approx(1.0, abs=1e-4) and im["kl"] == pytest.approx(0.0, abs=1e-7)
         assert im["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_site_an_architecture_lacks_is_one_line_naming_the_sites_it_has(tmp_path):
+    """GPT-NeoX (Pythia) runs attention and MLP in parallel: its blocks have no resid_mid."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tok = build_tiny_tokenizer(tmp_path / "neox")
+    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=128)
+    GPTNeoXForCausalLM(cfg).eval().save_pretrained(str(tmp_path / "neox"))
+    (tmp_path / "doc.txt").write_text(" ".join(WORDS * 20))
+    res = cli("harvest", "--quiet", "--model", tmp_path / "neox", "--dataset", tmp_path / "doc.txt", "--layers", "0,1",
+              "--sites", "resid_post,resid_mid", "--device", "cpu", "--out", tmp_path / "store")
+    one_error_line(res, "site 'resid_mid' does not exist on GPTNeoXForCausalLM: its blocks have resid_pre, resid_post, "
+                   "mlp_out, attn_out")
+    assert not (tmp_path / "store").exists()

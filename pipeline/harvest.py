@@ -237,8 +237,7 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     done = completed_result(cfg)
     if done is not None:
         return done
-    # Cheapest first, and nothing under --out until the model, its hooks and the text's first batch are known good:
-    # a store created earlier would record a failed run's settings and refuse the corrected command.
+    # cheapest first; no store until model, hooks and first batch are good (it would refuse the corrected command)
     if lm is None:
         check_model(cfg.model, layers=cfg.layers, sites=cfg.sites, hooks=cfg.hooks)  # its config alone, no weights
     record = dataset_record(cfg)
@@ -299,9 +298,7 @@ def recorded_config(cfg: HarvestConfig) -> dict:
 
 
 def dataset_record(cfg: HarvestConfig) -> dict:
-    """What the store records about its text source (``data.describe_dataset``), from the config; an HF datasets
-    name is checked at once (``data.check_hf_name``: offline, it must be in datasets' cache), even one described
-    without being opened (a token column given)."""
+    """The store's record of its text source (``data.describe_dataset``); an HF name is checked even unopened."""
     record = describe_dataset(cfg.dataset, split=cfg.split, text_column=cfg.text_column, data_files=cfg.data_files,
                               token_column=cfg.token_column)
     if record["kind"] == "hf":
@@ -310,8 +307,7 @@ def dataset_record(cfg: HarvestConfig) -> dict:
 
 
 def check_text(text, tokenizer, cfg: HarvestConfig) -> None:
-    """The text before the store is created: a finite source holds ``cfg.tokens`` rows (``check_rows_available``,
-    which tokenises them once into the token cache); a streamed one yields its first batch (name, columns, ids)."""
+    """Before the store exists: a finite source holds ``cfg.tokens`` rows, a streamed one yields its first batch."""
     check_rows_available(text, tokenizer, cfg.tokens, cfg.batch_size)
     if text.dataset["kind"] == "hf":
         next(window_batches(text, tokenizer, cfg.batch_size, cfg.tokens), None)

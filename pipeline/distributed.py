@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Iterator, NamedTuple
 
 from saeforge.pipeline.errors import HarvestError
@@ -212,11 +212,9 @@ def run_tasks(client, writer, groups, facts: LMFacts, lm_key: tuple, bar, max_in
 def harvest_distributed(cfg, *, progress: bool = True):
     """``harvest`` on dask (``cfg.workers`` local processes, or the cluster at ``cfg.scheduler``)."""
     from saeforge.pipeline.batches import window_batches
-    from saeforge.pipeline.harvest import (HARVEST_RECORD, HarvestResult, check_resumable, check_text,
-                                           completed_result, dataset_record, harvest_provenance, open_writer,
-                                           record_complete)
+    from saeforge.pipeline.harvest import (check_resumable, check_text, completed_result, dataset_record,
+                                           harvest_provenance, open_writer, record_result)
     from saeforge.pipeline.lm import check_model
-    from saeforge.stores import open_store, write_run_record
     from saeforge.stores.progress import progress_bar
 
     t0 = time.perf_counter()
@@ -239,8 +237,8 @@ def harvest_distributed(cfg, *, progress: bool = True):
         if cfg.context_size > facts.info["n_ctx"]:
             raise HarvestError(f"context size {cfg.context_size} exceeds the model's maximum {facts.info['n_ctx']}")
         prov = harvest_provenance(cfg, facts, facts.hooks, record)
-        if check_resumable(cfg.out, prov):
-            return record_complete(cfg, facts.hooks, t0)
+        if check_resumable(cfg.out, prov, cfg.storage_options):
+            return record_result(cfg, facts.hooks, t0)
         check_text(prov.text, facts.tokenizer, cfg)  # nothing under --out until the text is known good
         with open_writer(cfg, facts.dims, prov, progress) as writer:
             plan = writer.task_plan(cfg.task_batches)
@@ -254,12 +252,7 @@ def harvest_distributed(cfg, *, progress: bool = True):
                                               bar, max_in_flight=2 * n_workers)
             t2 = time.perf_counter()
             writer.close(executor=client.get_executor())
-        t3 = time.perf_counter()
-    store = open_store(cfg.out)
-    result = HarvestResult(store=store.path, rows=store.n_rows, rows_resumed=plan["base"], forward_passes=passes,
-                           tokens_forwarded=forwarded, lm_s=t2 - t1, write_s=t3 - t2, wall_s=t3 - t0,
-                           bytes_per_hook={h: int(store.group[h].nbytes_stored()) for h in store.hooks},
-                           hooks=facts.hooks, config=asdict(cfg))
-    write_run_record(store, HARVEST_RECORD, result.to_json())
-    return result
+        write_s = time.perf_counter() - t2
+    return record_result(cfg, facts.hooks, t0, rows_resumed=plan["base"], passes=passes, forwarded=forwarded,
+                         lm_s=t2 - t1, write_s=write_s)
 

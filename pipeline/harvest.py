@@ -220,7 +220,6 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     """Harvest ``cfg.tokens`` rows of every hook into the store at ``cfg.out``: resumes an interrupted store, and
     returns the recorded result without running anything when the store is already complete for this config."""
     from saeforge.pipeline.lm import check_model, hook_dims, load_lm, resolve_hooks
-    from saeforge.stores import open_store, write_run_record
     from saeforge.trainer.device import resolve_dtype
 
     if cfg.workers or cfg.scheduler:
@@ -247,7 +246,7 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
         raise HarvestError(f"context size {cfg.context_size} exceeds the model's maximum {lm.info['n_ctx']}")
     prov = harvest_provenance(cfg, lm, hooks, record)
     if check_resumable(cfg.out, prov, cfg.storage_options):  # complete, same provenance, no record: write it
-        return record_complete(cfg, hooks, t0)
+        return record_result(cfg, hooks, t0)
     check_text(prov.text, lm.tokenizer, cfg)
     dims = hook_dims(lm, hooks)
     writer = open_writer(cfg, dims, prov, progress)
@@ -269,23 +268,20 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
             sink.close()
             bar.close()
         t2 = time.perf_counter()
-    t3 = time.perf_counter()
-    store = open_store(cfg.out, cfg.storage_options)
-    sizes = {h: int(store.group[h].nbytes_stored()) for h in store.hooks}
-    result = HarvestResult(store=store.path, rows=store.n_rows, rows_resumed=skip, forward_passes=passes,
-                           tokens_forwarded=forwarded, lm_s=t2 - t1, write_s=t3 - t2, wall_s=t3 - t0,
-                           bytes_per_hook=sizes, hooks=hooks, config=recorded_config(cfg))
-    write_run_record(store, HARVEST_RECORD, result.to_json())
-    return result
+    return record_result(cfg, hooks, t0, rows_resumed=skip, passes=passes, forwarded=forwarded, lm_s=t2 - t1,
+                         write_s=time.perf_counter() - t2)
 
 
-def record_complete(cfg: HarvestConfig, hooks: list[str], t0: float) -> HarvestResult:
-    """A store completed by a run killed before its run record (``check_resumable``): write the record only."""
+def record_result(cfg: HarvestConfig, hooks: list[str], t0: float, *, rows_resumed: int | None = None,
+                  passes: int = 0, forwarded: int = 0, lm_s: float = 0.0, write_s: float = 0.0) -> HarvestResult:
+    """Write the complete store's harvest record and return it. ``rows_resumed`` None: the store was complete
+    before this run (one killed after its completion record, before this record: ``check_resumable``)."""
     from saeforge.stores import open_store, write_run_record
 
     store = open_store(cfg.out, cfg.storage_options)
-    result = HarvestResult(store=store.path, rows=store.n_rows, rows_resumed=store.n_rows, forward_passes=0,
-                           tokens_forwarded=0, lm_s=0.0, write_s=0.0, wall_s=time.perf_counter() - t0,
+    result = HarvestResult(store=store.path, rows=store.n_rows,
+                           rows_resumed=store.n_rows if rows_resumed is None else rows_resumed, forward_passes=passes,
+                           tokens_forwarded=forwarded, lm_s=lm_s, write_s=write_s, wall_s=time.perf_counter() - t0,
                            bytes_per_hook={h: int(store.group[h].nbytes_stored()) for h in store.hooks},
                            hooks=hooks, config=recorded_config(cfg))
     write_run_record(store, HARVEST_RECORD, result.to_json())

@@ -212,8 +212,8 @@ def run_tasks(client, writer, groups, facts: LMFacts, lm_key: tuple, bar, max_in
 def harvest_distributed(cfg, *, progress: bool = True):
     """``harvest`` on dask (``cfg.workers`` local processes, or the cluster at ``cfg.scheduler``)."""
     from saeforge.pipeline.batches import window_batches
-    from saeforge.pipeline.harvest import (check_resumable, check_text, completed_result, dataset_record,
-                                           harvest_provenance, open_writer, record_result)
+    from saeforge.pipeline.harvest import check_text, dataset_record, harvest_provenance, open_writer
+    from saeforge.pipeline.harvest_record import check_resumable, completed_result, record_result
     from saeforge.pipeline.lm import check_model
     from saeforge.stores.progress import progress_bar
 

@@ -18,6 +18,7 @@ from saeforge.stores import schema
 from saeforge.stores.attrs import StoreAttrs
 from saeforge.stores.errors import StoreDamaged
 from saeforge.stores.files import read_json
+from saeforge.stores.remote import remote_error
 
 _REL_TOL = 1e-9
 """Tolerance of the statistics' identities: scale = sqrt(d / E||x||^2) is computed exactly so; the others are
@@ -139,6 +140,9 @@ def check_array_meta(loc: schema.Location, attrs: StoreAttrs, name: str) -> list
     try:
         meta = read_json(loc, loc.sub(name, "zarr.json"))
     except (ValueError, OSError) as e:  # not JSON (UnicodeDecodeError is a ValueError), or unreadable
+        remote = None if loc.is_local else remote_error(loc, e)
+        if remote is not None:  # a denied read or a lost endpoint is not damage to the store
+            raise remote from None
         return [Problem(f"{rel} cannot be read as JSON ({type(e).__name__}: {e})", name)]
     if meta is None:
         return [Problem(f"array {name} has lost its metadata: {rel} is missing", name)]

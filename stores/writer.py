@@ -22,6 +22,7 @@ from saeforge.stores.errors import DiskFull, SchemaMismatch, StoreError
 from saeforge.stores.files import read_json, write_json_atomic
 from saeforge.stores.lock import acquire_lock, release_lock
 from saeforge.stores.progress import progress_bar
+from saeforge.stores.remote import check_remote
 from saeforge.stores.shuffle import ShuffleContext, Stager
 from saeforge.stores.spec import WriterSpec, create_arrays
 from saeforge.stores.staging import StagedFile, read_counts
@@ -69,6 +70,8 @@ class StoreWriter:
             tidy_complete(loc)
             raise StoreError(f"{loc.url} is already a complete store ({attrs.n_rows} rows); "
                              "delete it or choose another path to write a new one")
+        if not loc.is_local:  # s3fs's makedirs would create a missing bucket: refuse it instead, in one line
+            check_remote(loc.url, loc.storage_options, writing=True)
         fs.makedirs(f"{self._state_dir}/stage", exist_ok=True)
         acquire_lock(loc, self._lock)
         self._locked = True

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from saeforge.stores import StoreLoader, StoreNotFound, open_store, verify_store
+from saeforge.stores import StoreLoader, StoreNotFound, StoreWriter, open_store, verify_store
 from saeforge.stores.remote import BucketNotFound, RemoteStoreError, check_remote
 from saeforge.stores.schema import locate
 from tests.stores.helpers import HOOKS, write_store
@@ -86,6 +86,8 @@ def test_a_missing_bucket_is_named_and_never_created(s3):
         open_store(url, s3.options)
     with pytest.raises(StoreNotFound, match="no-such-bucket-saeforge"):  # a BucketNotFound is a StoreNotFound
         check_remote(url, s3.options, writing=True)
+    with pytest.raises(BucketNotFound, match="no-such-bucket-saeforge"):  # a writer used directly, not via harvest
+        StoreWriter(url, hooks={HOOK: 4}, storage_options=s3.options)
     assert "no-such-bucket-saeforge" not in [b["Name"] for b in _buckets(s3)]
     with pytest.raises(StoreNotFound, match=f"no store at {s3.url('nothing')}"):  # the bucket is there
         open_store(s3.url("nothing"), s3.options)
@@ -162,3 +164,13 @@ def test_a_location_sees_what_zarrs_own_filesystem_wrote_after_it_listed(s3):
     assert loc.fs.ls(loc.root, detail=False) == [loc.sub("first")]
     zarr.create_array(loc.zarr_store(), name="arr", shape=(4,), dtype="i4")
     assert loc.fs.exists(loc.sub("arr")) and locate(s3.url("g"), s3.options).fs.exists(loc.sub("arr"))
+
+
+def test_a_denied_read_of_an_arrays_metadata_is_a_refusal_not_damage(s3, monkeypatch):
+    """A user who may read the group's zarr.json but not the arrays' metadata: opening the store says access
+    denied (the check open_store runs would otherwise call the store damaged and send the user to re-harvest)."""
+    write_store(s3.url("store"), storage_options=s3.options)
+    group_only = iam_user(s3, readable=("store/zarr.json",))
+    checks_on(monkeypatch)
+    with pytest.raises(RemoteStoreError, match=f"{s3.url('store')}: access denied"):
+        open_store(s3.url("store"), group_only)

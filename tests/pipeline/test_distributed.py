@@ -17,6 +17,7 @@ from saeforge.pipeline.cli import main
 from saeforge.pipeline.harvest import HarvestConfig, HarvestError, harvest
 from saeforge.stores import StoreIncomplete, open_store
 from tests.pipeline.helpers import one_error_line
+from tests.stores.s3 import s3, s3_server  # noqa: F401
 
 distributed = pytest.importorskip("distributed")
 
@@ -52,17 +53,17 @@ def base(tmp_path_factory, tiny_model_dir, corpus):
     return cfg
 
 
-def contents(path):
-    s = open_store(path)
+def contents(path, storage_options=None):
+    s = open_store(path, storage_options)
     return s, {h: s.read(h).numpy() for h in s.hooks}, {"token_ids": s.token_ids(), "seq_idx": s.seq_idx(),
                                                           "pos": s.pos()}
 
 
-def assert_same_store(a_path, b_path):
+def assert_same_store(a_path, b_path, b_options=None):
     """Index arrays and attributes equal exactly; activations equal to float tolerance (the workers run torch
     with another thread count, which may change the last bits of a matmul; equal bit for bit otherwise)."""
     a, a_acts, a_idx = contents(a_path)
-    b, b_acts, b_idx = contents(b_path)
+    b, b_acts, b_idx = contents(b_path, b_options)
     for name in a_idx:
         assert np.array_equal(a_idx[name], b_idx[name]), name
     for h in HOOKS:
@@ -82,6 +83,15 @@ def test_two_workers_write_the_single_process_store(base, cluster, tmp_path):
     assert_same_store(base.out, cfg.out)
     again = harvest(cfg, progress=False)  # a complete store of the same harvest: nothing runs
     assert again.forward_passes == result.forward_passes and again.wall_s == result.wall_s
+
+
+def test_workers_stage_into_a_store_on_s3(base, cluster, s3):
+    """Every worker process opens the S3 store with the storage options (they travel with the task) and stages its
+    rows there; the driver finalizes on the workers: the local single-process store's rows, on S3."""
+    cfg = replace(base, out=s3.url("dist"), scheduler=cluster.scheduler_address, storage_options=s3.options)
+    assert harvest(cfg, progress=False).rows == 1200
+    assert_same_store(base.out, cfg.out, s3.options)
+    assert not [k for k in s3.keys() if "/.saeforge/" in k]  # no staged file or task manifest left behind
 
 
 def test_a_worker_killed_mid_task_is_retried_and_nothing_is_lost_or_doubled(base, cluster, tmp_path):

@@ -8,10 +8,13 @@ fsspec filesystem: :func:`write_json_atomic` (the writer's commit points), :func
 Where outputs may go: :func:`is_url` is the one place that tells a local path from an fsspec URL; stores may live
 at URLs, everything else a command writes (run directories, eval caches, plots, the demo folder) is local, and
 :func:`local_dir_problem` / :func:`writable_problem` say, in one line and before anything is made, why a path
-cannot be such a local output directory.
+cannot be such a local output directory. :func:`expand_path` is what every entry point (command line, config
+file) does to a path it is given: ``~`` expanded, URLs untouched.
 
 Atomic here means: written to a temporary file in the same directory, then renamed over the target
-(``os.replace`` is atomic on POSIX and Windows), so readers see the old file or the new one, never a mix.
+(``os.replace`` is atomic on POSIX and Windows), so readers see the old file or the new one, never a mix. The file
+gets the mode a plain ``open`` would give it (``0o666 & ~umask``), whatever the library that wrote the temporary
+file chose (safetensors writes 0600).
 """
 from __future__ import annotations
 
@@ -75,11 +78,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _tmp_name(path)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (``/proc/self/status`` on Linux; elsewhere set and restored
+    under a lock, the only way POSIX offers)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
 
 
 def _write_local(path: str | os.PathLike, data: bytes, *, fsync: bool) -> None:
@@ -145,7 +168,17 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-# ------------------------------------------------------------------ local output directories
+# ------------------------------------------------------------------ paths, and local output directories
+
+
+def expand_path(path: str | os.PathLike | None) -> str | None:
+    """A path as the user meant it: ``~`` and ``~user`` expanded; an fsspec URL (and None) returned unchanged.
+    Every command applies it to every path it takes (arguments, options, config file keys), so ``'~/acts'``
+    quoted, or written in a TOML file, never names a folder called ``~``."""
+    if path is None:
+        return None
+    text = os.fspath(path)
+    return text if is_url(text) else os.path.expanduser(text)
 
 
 def is_url(path: str | os.PathLike) -> bool:

@@ -10,6 +10,7 @@ import numpy as np
 from saeforge.stores import schema
 from saeforge.stores.errors import StoreError
 from saeforge.stores.integrity import check_store
+from saeforge.stores.progress import progress_bar
 from saeforge.stores.remote import remote_error, remote_errors
 from saeforge.stores.stats import StatsAccumulator
 from saeforge.stores.tidy import tidy_complete
@@ -45,15 +46,16 @@ def verify_store(path_or_url, *, progress: bool = False, storage_options: dict |
     """Check the attributes, metadata and files (as ``open_store`` does), then read every chunk of every array
     and compare row counts, values and statistics with the attributes. Every problem is one line.
     ``storage_options``: of the fsspec filesystem of a store at a URL (``open_store``). A remote filesystem
-    failing (endpoint out of reach, access refused) is raised as such, never reported as bad chunks."""
+    failing (endpoint out of reach, access refused) is raised as such, never reported as bad chunks. ``progress``:
+    a bar on stderr counting the chunks read, shown once verifying takes more than a second."""
     from saeforge.stores.reader import read_attrs
 
     loc, attrs = read_attrs(path_or_url, storage_options=storage_options)
     with remote_errors(loc):
-        return _verify(loc, attrs)
+        return _verify(loc, attrs, progress)
 
 
-def _verify(loc, attrs) -> VerifyReport:
+def _verify(loc, attrs, progress: bool) -> VerifyReport:
     from saeforge.stores.reader import Store
 
     t0 = time.perf_counter()
@@ -66,28 +68,42 @@ def _verify(loc, attrs) -> VerifyReport:
     store = Store(loc, attrs)
     unreadable = {p.array for p in found if p.array}  # their metadata or files are wrong: not read
     acc = StatsAccumulator.empty({h: store.d(h) for h in store.hooks})
-    bad, n_checked = [], 0
-    for name in [*store.hooks, *schema.META_ARRAYS]:
-        if name in unreadable:
-            continue
-        nonfinite = []
-        step = store.chunk_rows if name in store.hooks else store.shard_rows
-        for lo in range(0, store.n_rows, step):
-            n_checked += 1
-            block, reason = _read_chunk(store, name, lo, lo + step)
-            if reason:
-                unreadable.add(name)
-                bad.append(chunk_name(store, name, lo))
-                problems.append(f"{chunk_name(store, name, lo)}: {reason}")
-            elif name in store.hooks:
-                nonfinite += (lo + np.nonzero(schema.nonfinite_rows(block, store.dtype))[0]).tolist()
-                acc.add({name: block}, store.dtype)
-        if nonfinite:
-            shown = ", ".join(map(str, nonfinite[:_SHOWN_ROWS])) + (" ..." if len(nonfinite) > _SHOWN_ROWS else "")
-            problems.append(f"{name}: {len(nonfinite)} row(s) hold NaN or inf (rows {shown}); the writer stores "
-                            "finite rows only, so they were altered after it wrote them")
+    names = [n for n in [*store.hooks, *schema.META_ARRAYS] if n not in unreadable]
+    with progress_bar(sum(-(-store.n_rows // _step(store, n)) for n in names), desc="verify", unit="chunk",
+                      enabled=progress, delay=1.0) as bar:
+        bad, n_checked = [], 0
+        for name in names:
+            failed, more, n = _check_array(store, name, acc, bar)
+            bad, problems, n_checked = bad + failed, problems + more, n_checked + n
+            unreadable |= {name} if failed else set()
     problems += _check_stats(store, acc, skip=unreadable)
     return VerifyReport(not problems, store.path, store.n_rows, n_checked, bad, problems, time.perf_counter() - t0)
+
+
+def _check_array(store, name: str, acc: StatsAccumulator, bar) -> tuple[list[str], list[str], int]:
+    """Read every chunk of one array: (its bad chunks, its problems, chunks read); a hook's rows go into ``acc``."""
+    bad, problems, nonfinite, n_checked = [], [], [], 0
+    step = _step(store, name)
+    for lo in range(0, store.n_rows, step):
+        n_checked += 1
+        bar.update(1)
+        block, reason = _read_chunk(store, name, lo, lo + step)
+        if reason:
+            bad.append(chunk_name(store, name, lo))
+            problems.append(f"{chunk_name(store, name, lo)}: {reason}")
+        elif name in store.hooks:
+            nonfinite += (lo + np.nonzero(schema.nonfinite_rows(block, store.dtype))[0]).tolist()
+            acc.add({name: block}, store.dtype)
+    if nonfinite:
+        shown = ", ".join(map(str, nonfinite[:_SHOWN_ROWS])) + (" ..." if len(nonfinite) > _SHOWN_ROWS else "")
+        problems.append(f"{name}: {len(nonfinite)} row(s) hold NaN or inf (rows {shown}); the writer stores "
+                        "finite rows only, so they were altered after it wrote them")
+    return bad, problems, n_checked
+
+
+def _step(store, name: str) -> int:
+    """Rows per chunk read: a hook's chunks; a row-aligned 1-D array's shards (its chunks are tiny)."""
+    return store.chunk_rows if name in store.hooks else store.shard_rows
 
 
 def _read_chunk(store, name: str, lo: int, hi: int) -> tuple[np.ndarray | None, str | None]:

@@ -1,20 +1,24 @@
 """The ``saeforge`` command: one click group, one command per stage.
 
-Heavy imports (torch, zarr, transformer_lens) live inside command bodies so ``--help`` is instant.
+Heavy imports (torch, zarr, transformer_lens) live inside command bodies so ``--help`` is instant. What every
+command shares (``--json``, ``--quiet``, ``--threads``, list options, dtype names, ``~`` in paths) is defined once,
+in ``stores/cli.py`` and ``trainer/options.py``.
 """
 import click
+
+from saeforge.stores.cli import THREADS_ENV, threads_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="saeforge")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads torch may use [torch's default]; fewer is faster when other jobs share the cores.")
-def main(threads):
-    """saeforge: harvest LM activations into Zarr stores, train baseline and Gated SAEs, evaluate them."""
-    if threads:
-        import torch
+@threads_option(envvar=THREADS_ENV)
+def main():
+    """saeforge: harvest LM activations into Zarr stores, train baseline and Gated SAEs, evaluate them.
 
-        torch.set_num_threads(threads)
+    Every command takes --json (stdout: one JSON document), --quiet (no progress bars or library chatter on
+    stderr) and --threads N (here or after the command; or $SAEFORGE_THREADS). A list option takes a comma list,
+    repeated flags, or both: --sites resid_post,mlp_out is --sites resid_post --sites mlp_out.
+    """
 
 from saeforge.trainer.cli import train, sweep  # noqa: E402
 main.add_command(train); main.add_command(sweep)

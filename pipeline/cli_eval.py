@@ -1,18 +1,19 @@
 """`saeforge eval RUN... [--tokens N]` and `saeforge plot SWEEP_DIR`.
 
 Only click and the option machinery (`trainer/options.py`, which reads `EvalConfig` from its source) are
-imported at module level, so `--help` stays instant; results go to stdout as JSON, progress to
-stderr.
+imported at module level, so `--help` stays instant; results go to stdout (a summary, or JSON with --json),
+progress to stderr.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from saeforge.pipeline.cli_common import one_line, stage_config
-from saeforge.trainer.options import CONFIG_HELP, STORAGE_OPTIONS, table_options, with_options
+from saeforge.stores.cli import UserPath, common_options, echo_json
+from saeforge.pipeline.plots import FORMATS
+from saeforge.trainer.options import CONFIG_OPTION, STORAGE_OPTIONS, table_options, with_options
 
 
 def _summary(rec: dict) -> dict:
@@ -23,26 +24,39 @@ def _summary(rec: dict) -> dict:
             **{k: rec["metrics"].get(k) for k in keep}}
 
 
+def _human(rec: dict) -> str:
+    """One line per run: where, what, and its headline metrics with the loss-recovered interval."""
+    m, ci = rec["metrics"], rec["metrics"].get("loss_recovered_ci95")
+    interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+
+    def num(key, fmt):
+        return format(m[key], fmt) if isinstance(m.get(key), (int, float)) else "-"
+
+    return (f"{rec['run_dir']}  {rec['architecture']} {rec['hook']}  loss recovered {num('loss_recovered', '.4f')}"
+            f"{interval}  L0 {num('l0', '.1f')}  γ {num('gamma', '.3f')}  dead {num('n_dead', 'd')}  "
+            f"({rec['tokens']['n_tokens']:,} tokens)")
+
+
 @click.command("eval")
-@click.argument("runs", nargs=-1, type=click.Path(file_okay=False))
+@click.argument("runs", nargs=-1, type=UserPath(url_ok=True, file_okay=False))
 @with_options(table_options("eval"), [
-    click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help=CONFIG_HELP),
-    click.option("--store", default=None,
+    CONFIG_OPTION,
+    click.option("--store", type=UserPath(url_ok=True), default=None,
                  help="Evaluate every run on this store's held-out text (it must hold the run's hook, harvested "
                       "from the same text and rules; a path or URL) [each run's training store, or its cfg.json "
                       "when gone]."),
     STORAGE_OPTIONS,
     click.option("--force", is_flag=True, help="Evaluate again even runs whose eval.json is up to date."),
-    click.option("--quiet", is_flag=True, help="No progress bars.")])
-def eval_cmd(runs, config_file, store, storage_options, force, quiet, **flags):
+    common_options()])
+def eval_cmd(runs, config_file, store, storage_options, force, as_json, quiet, **flags):
     """Evaluate SAE run directories by splicing their reconstructions into the LM.
 
     On the held-out text of each run's training store (same context size and special-token rules), reports
     clean / spliced / zero- and mean-ablation cross-entropy, loss recovered (arXiv 2404.16014 eq. 5) and ΔCE
     with paired bootstrap 95% intervals over the held-out windows, KL, L0, MSE, explained variance, γ
-    (eq. 10), l2 ratio, dead and dense features; writes eval.json into each run directory and prints a JSON
-    summary. SAEs at the same hook share the forward pass up to it. The LM runs in the dtype the store was
-    harvested with unless --dtype says otherwise.
+    (eq. 10), l2 ratio, dead and dense features; writes eval.json into each run directory and prints one line
+    per run (--json: a JSON list of each run's metrics). SAEs at the same hook share the forward pass up to it.
+    The LM runs in the dtype the store was harvested with unless --dtype says otherwise.
 
     Rerunning is a no-op for a run whose eval.json was made with the same settings, weights and store: it
     is reported as up to date (its summary is read back from eval.json; no LM is loaded when every run is).
@@ -56,10 +70,6 @@ def eval_cmd(runs, config_file, store, storage_options, force, quiet, **flags):
     from saeforge.pipeline.errors import domain_errors
     from saeforge.pipeline.evaluate import EvalConfig, evaluate_runs
 
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # its "Loading weights" bar too
     file, cfg = stage_config(EvalConfig, "eval", config_file, flags)
     run_dirs = _local_runs(runs, file)
     options = file.storage_options if storage_options is None else storage_options
@@ -67,7 +77,10 @@ def eval_cmd(runs, config_file, store, storage_options, force, quiet, **flags):
         records = evaluate_runs(run_dirs, cfg, progress=not quiet, force=force, store=store, storage_options=options)
     except domain_errors() as e:
         raise one_line(e) from None
-    click.echo(json.dumps([_summary(r) for r in records], indent=2))
+    if as_json:
+        echo_json([_summary(r) for r in records])
+    else:
+        click.echo("\n".join(_human(r) for r in records))
 
 
 def _local_runs(runs: tuple, file) -> list:
@@ -92,22 +105,28 @@ def _runs_in(out: str | None) -> list[Path]:
 
 
 @click.command()
-@click.argument("sweep_dir", type=click.Path(file_okay=False))
-@click.option("--out", default=None, help="Output directory [SWEEP_DIR/report].")
-def plot(sweep_dir, out):
-    """Table (CSV + markdown) and PNG plots for an evaluated sweep.
+@click.argument("sweep_dir", type=UserPath(url_ok=True, file_okay=False))
+@click.option("--out", type=UserPath(url_ok=True), default=None, help="Output directory [SWEEP_DIR/report].")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="png", show_default=True,
+              help="File format of the plots.")
+@common_options()
+def plot(sweep_dir, out, fmt, as_json, quiet):
+    """Table (CSV + markdown) and plots (PNG, or --format svg|pdf) for an evaluated sweep.
 
     Reads SWEEP_DIR/sweep.json (or every subdirectory with eval.json) and writes the Pareto plot (L0, log
     scale, vs loss recovered, one series per architecture, the bootstrap 95% interval as error bars), γ vs
     L0, training curves, one feature-density histogram per SAE, and sweep_table.csv / sweep_table.md (with
     the intervals). A sweep over several hooks gets one panel per hook and a hook column, rows sorted by
-    hook, architecture and λ. Prints the paths as JSON.
+    hook, architecture and λ. Prints the files written (--json: {"table": [...], "plots": [...], "hooks": [...]}).
     """
     from saeforge.pipeline.errors import domain_errors
     from saeforge.pipeline.plots import plot_sweep
 
     try:
-        paths = plot_sweep(sweep_dir, out)
+        paths = plot_sweep(sweep_dir, out, fmt=fmt)
     except domain_errors() as e:
         raise one_line(e) from None
-    click.echo(json.dumps(paths, indent=2))
+    if as_json:
+        echo_json(paths)
+    else:
+        click.echo("\n".join(paths["table"] + paths["plots"]))

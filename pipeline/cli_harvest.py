@@ -1,12 +1,11 @@
 """``saeforge harvest``: text -> LM (one pass, every hook) -> a shuffled activation store."""
 from __future__ import annotations
 
-import json
-
 import click
 
 from saeforge.pipeline.cli_common import config_failure, one_line, read_config_or_fail
-from saeforge.trainer.options import CONFIG_HELP, build_config, fields_of, given, table_options, with_options
+from saeforge.stores.cli import common_options, echo_json
+from saeforge.trainer.options import CONFIG_OPTION, build_config, fields_of, given, table_options, with_options
 
 HARVEST_OPTIONS = table_options("harvest")
 
@@ -15,9 +14,7 @@ HARVEST_OPTIONS = table_options("harvest")
 @with_options(HARVEST_OPTIONS, [
     click.option("--writer-memory-mb", type=int, help="writer_memory_bytes in MiB (wins over it)."
                  f"  [default: {fields_of('harvest')['writer_memory_bytes'].default >> 20}]"),
-    click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help=CONFIG_HELP),
-    click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a summary."),
-    click.option("--quiet", is_flag=True, help="No progress bar.")])
+    CONFIG_OPTION, common_options()])
 def harvest(config_file, writer_memory_mb, as_json, quiet, **flags):
     """Run the LM over text once and store the activations of every requested hook.
 
@@ -40,10 +37,6 @@ def harvest(config_file, writer_memory_mb, as_json, quiet, **flags):
     from saeforge.pipeline.harvest import HarvestConfig
     from saeforge.pipeline.harvest import harvest as run_harvest
 
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     file = read_config_or_fail(config_file)
     flags = given(flags, "harvest")
     values = {**file.get("harvest"), **flags}
@@ -71,7 +64,7 @@ def harvest(config_file, writer_memory_mb, as_json, quiet, **flags):
     except Exception as e:  # noqa: BLE001 - a store at a URL whose filesystem failed (endpoint, access): one line
         raise one_line(_remote_failure(out, e)) from None
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=1))
+        echo_json(result.to_json())
     else:
         click.echo(summary(result))
 

@@ -26,6 +26,9 @@ import click
 import numpy as np
 
 from saeforge.pipeline.errors import ConfigError, PipelineError
+from saeforge.stores.cli import STORAGE_OPTIONS_HELP, UserPath, common_options, echo_json, storage_options_option
+from saeforge.trainer.fields import dtype_spellings
+from saeforge.trainer.options import DTYPE_HELP, DtypeChoice, list_option
 
 CFG_FILE = "cache_activations_runner_cfg.json"
 """The runner's config, as SAELens uploads it beside a cache it pushes to the hub."""
@@ -221,9 +224,11 @@ class ImportResult(NamedTuple):
     """The store was this import's, complete: nothing was done."""
 
 
-def import_saelens(cfg: ImportConfig, *, progress: bool = True) -> ImportResult:
+def import_saelens(cfg: ImportConfig, *, progress: bool = True, storage_options: dict | None = None
+                   ) -> ImportResult:
     """Write the store ``cfg.out`` from the cache ``cfg.cache``; does nothing when that store is already complete
-    with the same provenance, resumes it when incomplete, refuses (CacheImportError) when it is another store."""
+    with the same provenance, resumes it when incomplete, refuses (CacheImportError) when it is another store.
+    ``storage_options``: of the fsspec filesystem of an OUT at a URL (never recorded in the store)."""
     from saeforge.stores import InvalidInput, StoreWriter, open_store
     from saeforge.stores.progress import progress_bar
 
@@ -231,14 +236,15 @@ def import_saelens(cfg: ImportConfig, *, progress: bool = True) -> ImportResult:
     cache = open_cache(cfg.cache)
     hooks = chosen_hooks(cache, cfg)
     prov = provenance(cache, cfg, hooks)
-    if _existing_is_complete(cfg, prov, hooks):
-        store = open_store(cfg.out)
+    if _existing_is_complete(cfg, prov, hooks, storage_options):
+        store = open_store(cfg.out, storage_options)
         return ImportResult(store.path, store.n_rows, store.n_rows, len(cache.dataset), list(hooks),
                             time.perf_counter() - t0, already_complete=True)
     try:
         writer = StoreWriter(cfg.out, hooks=hooks, dtype=cfg.store_dtype, seed=cfg.seed,
                              expected_rows=len(cache.dataset) * cache.n_pos, provenance=prov,
-                             memory_limit_bytes=cfg.writer_memory_bytes, progress=progress)
+                             memory_limit_bytes=cfg.writer_memory_bytes, progress=progress,
+                             storage_options=storage_options)
     except InvalidInput as e:
         raise CacheImportError(f"{e}; raise --writer-memory-mb" if "memory_limit_bytes" in str(e) else str(e)) from None
     with writer as w:
@@ -248,19 +254,20 @@ def import_saelens(cfg: ImportConfig, *, progress: bool = True) -> ImportResult:
             for rows in cache_rows(cache, hooks, cfg, skip=skip):
                 w.append(rows.acts, token_ids=rows.token_ids, seq_idx=rows.seq_idx, pos=rows.pos)
                 bar.update(len(rows.seq_idx))
-    store = open_store(cfg.out)
+    store = open_store(cfg.out, storage_options)
     return ImportResult(store.path, store.n_rows, skip, len(cache.dataset), list(hooks), time.perf_counter() - t0,
                         already_complete=False)
 
 
-def _existing_is_complete(cfg: ImportConfig, prov: dict, hooks: dict[str, int]) -> bool:
+def _existing_is_complete(cfg: ImportConfig, prov: dict, hooks: dict[str, int], storage_options: dict | None
+                          ) -> bool:
     """Whether ``cfg.out`` already is this import's complete store (False: nothing there, or this import's
     incomplete store); CacheImportError naming the difference when it holds another store."""
     from saeforge.stores import StoreNotFound
     from saeforge.stores.reader import read_attrs
 
     try:
-        _, attrs = read_attrs(cfg.out, require_complete=False)
+        _, attrs = read_attrs(cfg.out, require_complete=False, storage_options=storage_options)
     except StoreNotFound:
         return False
     mine = {"provenance": json.loads(json.dumps(prov)), "hooks": hooks, "dtype": cfg.store_dtype}
@@ -281,25 +288,31 @@ def _short(value) -> str:
 
 
 @click.command("import-saelens")
-@click.argument("cache_dir")
-@click.argument("out")
-@click.option("--hook", "hooks", multiple=True, help="Hook column to import (repeatable)  [default: every one]")
-@click.option("--dtype", "store_dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
-              show_default=True, help="dtype of the stored activations.")
+@click.argument("cache_dir", type=UserPath())
+@click.argument("out", type=UserPath(url_ok=True))
+@list_option("--hook", "hooks", tp=tuple[str, ...],
+             help="Hook columns to import (a comma list, repeatable)  [default: every one]")
+@click.option("--dtype", "store_dtype", type=DtypeChoice(dtype_spellings(Literal["float32", "bfloat16", "float16"])),
+              default="bfloat16", show_default=True, help="dtype of the stored activations" + DTYPE_HELP + ".")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the store's shuffle.")
-@click.option("--skip-token-id", "skip_token_ids", type=int, multiple=True,
-              help="Do not import positions holding this token id (repeatable; e.g. BOS, which harvest drops).")
+@list_option("--skip-token-id", "skip_token_ids", tp=tuple[int, ...],
+             help="Do not import positions holding these token ids (a comma list, repeatable; e.g. BOS, which "
+                  "harvest drops).")
 @click.option("--writer-memory-mb", type=int, default=1024, show_default=True,
               help="Memory bound of the shuffling writer, in MiB.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def import_saelens_command(cache_dir, out, hooks, store_dtype, seed, skip_token_ids, writer_memory_mb, quiet):
+@storage_options_option(STORAGE_OPTIONS_HELP + " For OUT at a URL.")
+@common_options()
+def import_saelens_command(cache_dir, out, hooks, store_dtype, seed, skip_token_ids, writer_memory_mb,
+                           storage_options, as_json, quiet):
     """Turn the SAELens activation cache CACHE_DIR into a saeforge store at OUT, without running the LM.
 
     CACHE_DIR is the save_to_disk folder SAELens's CacheActivationsRunner writes (one Array2D column per hook,
     token_ids). Every (window, position) becomes a row; the store is globally shuffled, checksummed and records
     the cache (and the runner's config, when cache_activations_runner_cfg.json is there) as its provenance.
-    Interrupted? Rerun the same command: it resumes; on a complete store it does nothing. Example:
+    OUT may be an fsspec URL (--storage-options). Interrupted? Rerun the same command: it resumes; on a complete
+    store it does nothing. Example:
 
+    \b
         saeforge store import-saelens activations/gpt2/blocks.8.hook_resid_pre stores/gpt2-l8
     """
     from saeforge.pipeline.cli_common import one_line
@@ -308,16 +321,18 @@ def import_saelens_command(cache_dir, out, hooks, store_dtype, seed, skip_token_
     if writer_memory_mb < 1:
         raise click.ClickException(f"--writer-memory-mb must be >= 1, got {writer_memory_mb}")
     try:
-        cfg = ImportConfig(cache=cache_dir, out=out, hooks=tuple(hooks), store_dtype=store_dtype, seed=seed,
-                           skip_token_ids=tuple(skip_token_ids), writer_memory_bytes=writer_memory_mb << 20)
-        result = import_saelens(cfg, progress=not quiet)
+        cfg = ImportConfig(cache=cache_dir, out=out, hooks=hooks or (), store_dtype=store_dtype, seed=seed,
+                           skip_token_ids=skip_token_ids or (), writer_memory_bytes=writer_memory_mb << 20)
+        result = import_saelens(cfg, progress=not quiet, storage_options=storage_options)
     except domain_errors() as e:
         raise one_line(e) from None
     except KeyboardInterrupt:
         raise click.ClickException(f"interrupted: {out} is incomplete; rerun the same command to resume") from None
-    if result.already_complete:
+    if as_json:
+        echo_json(result._asdict())
+    elif result.already_complete:
         click.echo(f"ok: {result.store} is already this import's complete store ({result.rows:,} rows); nothing to do")
-        return
-    resumed = f" ({result.rows_resumed:,} resumed from an earlier run)" if result.rows_resumed else ""
-    click.echo(f"ok: {result.store}: {result.rows:,} rows{resumed} from {result.cache_rows:,} cache windows, "
-               f"hooks {', '.join(result.hooks)}, in {result.wall_s:.1f} s")
+    else:
+        resumed = f" ({result.rows_resumed:,} resumed from an earlier run)" if result.rows_resumed else ""
+        click.echo(f"ok: {result.store}: {result.rows:,} rows{resumed} from {result.cache_rows:,} cache windows, "
+                   f"hooks {', '.join(result.hooks)}, in {result.wall_s:.1f} s")

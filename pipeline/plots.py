@@ -1,11 +1,11 @@
-"""Sweep reports from eval.json files: a table (CSV + markdown) and PNG plots.
+"""Sweep reports from eval.json files: a table (CSV + markdown) and plots (PNG, SVG or PDF: `FORMATS`).
 
 Plots: the Pareto plot (L0 on a log axis vs loss recovered, one series per architecture with its paired
 bootstrap 95% interval as error bars, arXiv 2404.16014 Fig. 1), γ vs L0 (Fig. 6), training curves from each
 run's metrics.jsonl, and a log10 feature-density histogram per SAE. A sweep may hold SAEs of several hooks
 (sites) of one store: the Pareto and γ plots then get one panel per hook, and the table a hook column (rows
-sorted by hook, architecture, λ). Figures are built with matplotlib's object API (`matplotlib.figure.Figure`),
-so no global backend is set.
+sorted by hook, architecture, λ). Figures are built with matplotlib's object API (`matplotlib.figure.Figure`,
+saved through its own canvas), so neither pyplot nor the process's backend (a notebook's) is touched.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ COLUMNS = ["hook", "run", "architecture", "d_sae", "l1_coefficient", "l0", "loss
            "ΔCE [95% CI]", "kl", "ce_clean", "ce_sae", "ce_zero_ablation", "ce_mean_ablation", "mse",
            "explained_variance", "gamma", "l2_ratio", "n_dead", "n_dense", "frac_alive", "n_windows", "lm_dtype"]
 ARCH_STYLE = {"baseline": ("tab:blue", "o"), "gated": ("tab:red", "s")}
+FORMATS = ("png", "svg", "pdf")
+"""File formats of the plots (`saeforge plot --format`, `saeforge demo --format`)."""
 PANELS_PER_ROW = 3
 
 
@@ -222,8 +224,12 @@ def plot_training_curves(rows: list[dict], sweep_dir: Path, path: Path) -> Path 
     return _save(fig, path, 100)
 
 
-def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, list[str]]:
-    """Write the table and plots for a sweep; returns {"table": [csv, md], "plots": [png...], "hooks": [...]}."""
+def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, *, fmt: str = "png"
+               ) -> dict[str, list[str]]:
+    """Write the table and plots for a sweep, the plots as `fmt` files (one of `FORMATS`); returns
+    {"table": [csv, md], "plots": [files...], "hooks": [...]}."""
+    if fmt not in FORMATS:
+        raise PlotError(f"plot format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if out_dir is not None:
         check_output_dir(out_dir, "--out")  # refused before anything is read (or said about the runs)
     rows = load_sweep(sweep_dir)  # before Path(): an empty SWEEP_DIR is refused, not read as "."
@@ -235,9 +241,9 @@ def plot_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict
     pareto = sweep_figure(rows, "loss_recovered", "loss recovered (eq. 5, zero ablation)", "Pareto",
                           ci="loss_recovered_ci95", hline=1.0)
     gamma = sweep_figure(rows, "gamma", "γ (relative reconstruction bias, eq. 10)", "Shrinkage", hline=1.0)
-    plots = [_save(pareto, out / "pareto.png", 120), _save(gamma, out / "gamma_vs_l0.png", 120)]
-    curves = plot_training_curves(rows, sweep_dir, out / "training_curves.png")
+    plots = [_save(pareto, out / f"pareto.{fmt}", 120), _save(gamma, out / f"gamma_vs_l0.{fmt}", 120)]
+    curves = plot_training_curves(rows, sweep_dir, out / f"training_curves.{fmt}")
     plots += [curves] if curves else []
-    plots += [plot_density(r, out / f"density_{r['run']}.png") for r in rows]
+    plots += [plot_density(r, out / f"density_{r['run']}.{fmt}") for r in rows]
     return {"table": [str(p) for p in write_table(rows, out)], "plots": [str(p) for p in plots],
             "hooks": sorted({r["hook"] for r in rows})}

@@ -1,9 +1,10 @@
-"""``saeforge store``: inspect and verify activation stores; and ``--storage-options``, the one spelling of a
-store's fsspec options on every command line (:class:`JsonObject`)."""
+"""``saeforge store``: inspect and verify activation stores; and what every command line shares, defined once:
+``--storage-options`` (a store's fsspec options, :class:`JsonObject`), paths with ``~`` expanded
+(:class:`UserPath`), ``--json``, ``--quiet`` and ``--threads`` (:func:`common_options`)."""
 from __future__ import annotations
 
 import json
-import sys
+import os
 
 import click
 
@@ -38,6 +39,92 @@ def storage_options_option(help_: str = STORAGE_OPTIONS_HELP):
     return click.option("--storage-options", "storage_options", type=JsonObject(), default=None, help=help_)
 
 
+class UserPath(click.Path):
+    """A path on the command line, ``~`` expanded before click's checks (``stores.files.expand_path``); a URL is
+    passed on untouched and unchecked (``url_ok``) or refused by the checks like any missing path."""
+
+    def __init__(self, *, url_ok: bool = False, metavar: str = "PATH", **checks):
+        super().__init__(**checks)
+        self.url_ok, self.name = url_ok, metavar.lower()  # TEXT where a name is as good as a path (--model)
+
+    def convert(self, value, param, ctx):
+        from saeforge.stores.files import expand_path, is_url
+
+        if self.url_ok and isinstance(value, str) and is_url(value):
+            return value
+        return super().convert(expand_path(value) if isinstance(value, (str, os.PathLike)) else value, param, ctx)
+
+
+class Threads(click.ParamType):
+    """A count of CPU threads for torch (>= 1); anything else is one ``Error:`` line naming where it came from."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        source = ctx.get_parameter_source(param.name) if ctx is not None and param is not None else None
+        where = THREADS_ENV if source is click.core.ParameterSource.ENVIRONMENT else "--threads"
+        try:
+            n = int(str(value).strip())
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise click.ClickException(f"{where} must be a whole number of threads >= 1, got {value!r}")
+        return n
+
+
+THREADS_ENV = "SAEFORGE_THREADS"
+THREADS_HELP = (f"CPU threads torch may use (also ${THREADS_ENV}; before or after the command) [torch's default]; "
+                "fewer is faster when other jobs share the cores.")
+
+
+def set_threads(ctx, param, value):
+    """--threads' callback: cap torch's CPU threads (torch imported only when asked)."""
+    if value is not None:
+        import torch
+
+        torch.set_num_threads(value)
+    return value
+
+
+def threads_option(envvar: str | None = None):
+    return click.option("--threads", type=Threads(), default=None, envvar=envvar, callback=set_threads,
+                        expose_value=False, help=THREADS_HELP)
+
+
+def _enter_quiet(ctx, param, value):
+    """--quiet's callback: the command runs inside ``stores.progress.quiet`` (closed with its context)."""
+    if value:
+        from saeforge.stores.progress import quiet
+
+        ctx.with_resource(quiet())
+    return value
+
+
+QUIET_HELP = ("No progress bars, and no log lines or bars from transformers, datasets, huggingface_hub or wandb; "
+              "errors still show.")
+
+
+def common_options(*, as_json: bool = True):
+    """The options every command takes: ``--json`` (``as_json``: stdout is one JSON document instead of a short
+    summary), ``--quiet`` (the command receives it, and runs silenced) and ``--threads`` (handled here)."""
+    decos = [click.option("--json", "as_json", is_flag=True,
+                          help="Print the result as one JSON document instead of a summary.")] if as_json else []
+    decos += [click.option("--quiet", is_flag=True, callback=_enter_quiet, help=QUIET_HELP), threads_option()]
+
+    def apply(fn):
+        for deco in reversed(decos):
+            fn = deco(fn)
+        return fn
+    return apply
+
+
+def echo_json(obj) -> None:
+    """The command's result as its one JSON document on stdout."""
+    click.echo(json.dumps(obj, indent=1, default=str))
+
+
 @click.group()
 def store():
     """Inspect and verify activation stores (local paths or fsspec URLs).
@@ -57,16 +144,20 @@ def _open(path: str, storage_options: dict | None):
         raise click.ClickException(str(e)) from None
 
 
+STORE_PATH = UserPath(url_ok=True)
+"""A store's PATH argument: a local path (``~`` expanded) or an fsspec URL."""
+
+
 @store.command()
-@click.argument("path")
-@click.option("--json", "as_json", is_flag=True, help="Print every attribute as JSON instead of a summary.")
+@click.argument("path", type=STORE_PATH)
 @storage_options_option()
-def info(path, as_json, storage_options):
+@common_options()
+def info(path, as_json, quiet, storage_options):
     """Summarise the store at PATH (a local path or an fsspec URL): rows, hooks, dtype, layout, statistics,
-    provenance."""
+    provenance (--json: every attribute)."""
     s = _open(path, storage_options)
     if as_json:
-        click.echo(json.dumps({"path": s.path, "nbytes_stored": s.nbytes_stored(), **s.attrs.to_json()}, indent=1))
+        echo_json({"path": s.path, "nbytes_stored": s.nbytes_stored(), **s.attrs.to_json()})
         return
     stored = s.nbytes_stored()
     click.echo(f"store     {s.path}")
@@ -83,23 +174,27 @@ def info(path, as_json, storage_options):
 
 
 @store.command()
-@click.argument("path")
+@click.argument("path", type=STORE_PATH)
 @storage_options_option()
-def verify(path, storage_options):
+@common_options()
+def verify(path, as_json, quiet, storage_options):
     """Read every chunk of the store at PATH (a local path or an fsspec URL) and check checksums, row counts and
     statistics.
 
-    Exits non-zero naming the first bad chunk.
+    Exits non-zero naming the first bad chunk (with --json, after printing the whole report).
     """
     from saeforge.stores import StoreError, verify_store
 
     try:
-        report = verify_store(path, storage_options=storage_options)
+        report = verify_store(path, storage_options=storage_options, progress=not quiet)
     except StoreError as e:
         raise click.ClickException(str(e)) from None
+    if as_json:
+        echo_json({**report._asdict(), "first_bad_chunk": report.first_bad_chunk})
     if not report.ok:
         first = report.problems[0]
         more = f" (+{len(report.problems) - 1} more problem(s))" if len(report.problems) > 1 else ""
         raise click.ClickException(f"{report.path} is damaged: {first}{more}")
-    click.echo(f"ok: {report.path}: {report.n_rows:,} rows, {report.chunks_checked} chunks checked "
-               f"in {report.seconds:.1f} s", file=sys.stdout)
+    if not as_json:
+        click.echo(f"ok: {report.path}: {report.n_rows:,} rows, {report.chunks_checked} chunks checked "
+                   f"in {report.seconds:.1f} s")

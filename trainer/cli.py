@@ -7,26 +7,27 @@ instant.
 """
 from __future__ import annotations
 
-import json
-
 import click
 
+from saeforge.stores.cli import UserPath, common_options, echo_json
 from saeforge.trainer.errors import ConfigError, TrainerError
-from saeforge.trainer.options import (CONFIG_HELP, GRID_AXES, STORAGE_OPTIONS, build_config, fields_of, given,
-                                      read_config, table_options, with_options)
+from saeforge.trainer.options import (CONFIG_OPTION, GRID_AXES, STORAGE_OPTIONS, build_config, config_error, fields_of,
+                                      given, list_option, read_config, table_options, with_options)
 
 SOURCE = [
-    click.option("--store", help="Activation store (path or URL) [the config file's top-level `store`]."),
+    click.option("--store", type=UserPath(url_ok=True),
+                 help="Activation store (path or URL) [the config file's top-level `store`]."),
     STORAGE_OPTIONS,
-    click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help=CONFIG_HELP),
+    CONFIG_OPTION,
 ]
 TAIL = [
     click.option("--resume", is_flag=True,
                  help="Insist on continuing a run (rerunning a command resumes a partial run and skips a complete one "
                       "anyway)."),
-    click.option("--quiet", is_flag=True, help="No progress bar."),
+    common_options(),
 ]
 TRAIN_OPTIONS = table_options("train", skip=("hook",))
+OUT_DIR = UserPath(url_ok=True)  # a URL is refused with its own line (train_from_store: local output check)
 
 
 def _fail(exc: Exception) -> click.ClickException:
@@ -34,7 +35,17 @@ def _fail(exc: Exception) -> click.ClickException:
     return click.ClickException(msg)
 
 
-def _run(store, saes, train, out, *, sweep, resume, quiet, storage_options):
+def _human(summary: list[dict]) -> str:
+    """One line per SAE: where it is, what it is, and its last logging window."""
+    def num(row, key, fmt):
+        return format(row[key], fmt) if isinstance(row.get(key), (int, float)) else "-"
+
+    return "\n".join(f"{s['run_dir']}  {s['arch']} d_sae={s['d_sae']} {s['hook']}  step {s.get('step', '-')}  "
+                     f"L0 {num(s, 'l0', '.1f')}  explained variance {num(s, 'explained_variance_window', '.3f')}  "
+                     f"loss {num(s, 'loss', '.4g')}" for s in summary)
+
+
+def _run(store, saes, train, out, *, sweep, resume, quiet, as_json, storage_options):
     from saeforge.stores.errors import StoreError
     from saeforge.trainer.ddp import env_rank
     from saeforge.trainer.run import train_from_store
@@ -49,18 +60,20 @@ def _run(store, saes, train, out, *, sweep, resume, quiet, storage_options):
                                    storage_options=storage_options)
     except (StoreError, TrainerError) as exc:
         raise _fail(exc) from None  # under torchrun every rank prints its line
-    if rank == 0:  # one summary from a data-parallel run
-        click.echo(json.dumps(summary if sweep else summary[0], indent=2))
+    if rank == 0 and as_json:  # one summary from a data-parallel run
+        echo_json(summary if sweep else summary[0])
+    elif rank == 0:
+        click.echo(_human(summary))
 
 
 @click.command()
 @with_options(SOURCE, table_options("train", only=("hook",)), [
-    click.option("--out", help="Run directory [the config file's top-level `out`] (rerun the same command to resume "
-                               "it; a complete run is left as is).")],
+    click.option("--out", type=OUT_DIR, help="Run directory [the config file's top-level `out`] (rerun the same "
+                                             "command to resume it; a complete run is left as is).")],
     table_options("sae", skip=("hook",)), TRAIN_OPTIONS, TAIL)
-def train(config_file, out, resume, quiet, store, storage_options, **flags):
+def train(config_file, out, resume, quiet, as_json, store, storage_options, **flags):
     """Train one SAE on a store's activations; writes a run directory (cfg.json, sae_weights.safetensors,
-    metrics.jsonl, checkpoint.pt) and prints a JSON summary.
+    metrics.jsonl, checkpoint.pt) and prints a summary of its last logging window (--json: every value).
 
     Every option below is also a key of the --config file: the SAE's in its [sae] table, the run's in [train]
     (`--l1` is `l1_coefficient`), `store`, `storage_options` and `out` at the top level. The same file seeds
@@ -73,29 +86,33 @@ def train(config_file, out, resume, quiet, store, storage_options, **flags):
 
     try:
         file = read_config(config_file)
-        sae = build_config(SAEConfig, file.get("sae"), given(flags, "sae"))
-        cfg = build_config(TrainConfig, file.get("train"), given(flags, "train"))
     except TrainerError as exc:
         raise _fail(exc) from None
+    sae_flags, train_flags = given(flags, "sae"), given(flags, "train")
+    try:
+        sae = build_config(SAEConfig, file.get("sae"), sae_flags)
+        cfg = build_config(TrainConfig, file.get("train"), train_flags)
+    except ConfigError as exc:
+        raise click.ClickException(config_error(exc, file, {"sae": sae_flags, "train": train_flags})) from None
     _run(store or file.store, [sae], cfg, file.out if out is None else out, sweep=False, resume=resume, quiet=quiet,
-         storage_options=file.storage_options if storage_options is None else storage_options)
+         as_json=as_json, storage_options=file.storage_options if storage_options is None else storage_options)
 
 
 @click.command()
 @with_options(SOURCE, [
-    click.option("--hook", "hooks", multiple=True,
-                 help=fields_of("train")["hook"].doc + " Repeatable: one read of each batch feeds the SAEs of "
-                      "every hook (the grid's `hook` list)."),
-    click.option("--out", help="Sweep directory: sweep.json plus one run directory per SAE [the config file's "
-                               "top-level `out`] (rerun to resume).")],
+    list_option("--hook", "hooks", tp=tuple[str, ...],
+                help=fields_of("train")["hook"].doc + " Several: one read of each batch feeds the SAEs of every hook "
+                     "(the grid's `hook` list) (a comma list, repeatable)."),
+    click.option("--out", type=OUT_DIR, help="Sweep directory: sweep.json plus one run directory per SAE [the config "
+                                             "file's top-level `out`] (rerun to resume).")],
     table_options("sae", only=GRID_AXES[1:], multiple=True, dest="grid"), [
-    click.option("--l1-coefficient-baseline", "--l1-baseline", "grid__l1_coefficient_baseline", multiple=True,
-                 type=float, help="Lambdas for baseline SAEs only (repeatable)  [default: the l1_coefficient list]"),
+    list_option("--l1-coefficient-baseline", "--l1-baseline", "grid__l1_coefficient_baseline", tp=tuple[float, ...],
+                help="Lambdas for baseline SAEs only (a comma list, repeatable)  [default: the l1_coefficient list]"),
     click.option("--equal-compute/--no-equal-compute", "grid__equal_compute", default=None,
                  help="Baseline SAEs of the grid get 1.5x its width (the paper's equal-compute comparison)."
                       "  [default: false]")],
     table_options("sae", skip=(*GRID_AXES, "name")), TRAIN_OPTIONS, TAIL)
-def sweep(config_file, out, resume, quiet, store, storage_options, hooks, **flags):
+def sweep(config_file, out, resume, quiet, as_json, store, storage_options, hooks, **flags):
     """Train many SAEs (grid of hook x arch x width x lambda x seed, plus [[saes]] entries of the config file) on
     the same batches in one pass over the store; SAEs of one shape train as one batched module.
 
@@ -109,23 +126,31 @@ def sweep(config_file, out, resume, quiet, store, storage_options, hooks, **flag
     [[saes]] entries replace keys of [sae], [train] is the run. With no grid and no entries the sweep trains
     the file's one SAE.
 
-    Example: saeforge sweep --store acts.zarr --hook blocks.1.hook_resid_post --arch gated --arch baseline
-    --l1 1e-3 --l1 3e-3 --l1-baseline 1e-4 --d-sae 4096 --equal-compute --out runs/sweep1"""
+    Example: saeforge sweep --store acts.zarr --hook blocks.1.hook_resid_post --arch gated,baseline
+    --l1 1e-3,3e-3 --l1-baseline 1e-4 --d-sae 4096 --equal-compute --out runs/sweep1"""
     from saeforge.trainer.config import TrainConfig
 
     try:
         file = read_config(config_file)
-        train_flags, grid = given(flags, "train"), {**file.get("grid"), **given(flags, "grid")}
-        if len(hooks) == 1:
-            train_flags["hook"] = hooks[0]
-        elif hooks:
-            grid["hook"] = list(hooks)
+    except TrainerError as exc:
+        raise _fail(exc) from None
+    hooks = hooks or ()
+    train_flags, grid_flags, sae_flags = given(flags, "train"), given(flags, "grid"), given(flags, "sae")
+    grid = {**file.get("grid"), **grid_flags}
+    if len(hooks) == 1:
+        train_flags["hook"] = hooks[0]
+    elif hooks:
+        grid["hook"] = grid_flags["hook"] = list(hooks)
+    try:
         cfg = build_config(TrainConfig, file.get("train"), train_flags)
-        saes = _sweep_saes({**file.get("sae"), **given(flags, "sae")}, grid, file.saes)
+        saes = _sweep_saes({**file.get("sae"), **sae_flags}, grid, file.saes)
+    except ConfigError as exc:
+        raise click.ClickException(config_error(exc, file, {"sae": sae_flags, "train": train_flags,
+                                                            "grid": grid_flags})) from None
     except TrainerError as exc:
         raise _fail(exc) from None
     _run(store or file.store, saes, cfg, file.out if out is None else out, sweep=True, resume=resume, quiet=quiet,
-         storage_options=file.storage_options if storage_options is None else storage_options)
+         as_json=as_json, storage_options=file.storage_options if storage_options is None else storage_options)
 
 
 def _sweep_saes(base: dict, grid: dict, entries: list[dict]) -> list:

@@ -240,3 +240,46 @@ def show(value: Any) -> str:
         return json.dumps(value)
     except (TypeError, ValueError):
         return repr(value)
+
+
+# ------------------------------------------------------------------ dtype names, list items
+
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""Short dtype names read as the long ones, the only spelling saeforge writes and lists."""
+_DTYPE_ORDER = ("store", "auto", "none", "float32", "bfloat16", "float16")
+
+
+def dtype_spellings(tp: Any) -> dict[str, str] | None:
+    """For a `Literal` field of dtype names (`lm_dtype`, `store_dtype`, eval's `dtype`, `autocast`): each name as
+    saeforge spells it (float32, bfloat16, float16, in that order after auto/store/none) -> the field's value
+    (`autocast` keeps `bf16`); None for any other field."""
+    if typing.get_origin(tp) is not Literal:
+        return None
+    spelled = {DTYPE_ALIASES.get(a, a): a for a in typing.get_args(tp) if isinstance(a, str)}
+    if not set(spelled) & {"float32", "bfloat16", "float16"}:
+        return None
+    order = {name: i for i, name in enumerate(_DTYPE_ORDER)}
+    return dict(sorted(spelled.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def dtype_value(value: Any, tp: Any) -> Any:
+    """`value` for dtype field `tp` with a short name (bf16) or the long one read as the field spells it; any other
+    value or field: unchanged (the type check judges it)."""
+    spelled = dtype_spellings(tp)
+    if spelled is None or not isinstance(value, str):
+        return value
+    return spelled.get(DTYPE_ALIASES.get(value, value), value)
+
+
+def list_items(items: list[str], tp: Any) -> Any:
+    """Strings from a command line (`--layers 6,10 --layers 12`: ["6", "10", "12"]) as tuple field `tp`
+    (`tuple[int, ...]`, `tuple[float, float]`); `Mismatch` saying what was expected."""
+    args = typing.get_args(tp)
+    kinds = [args[0]] * len(items) if args[1:] == (Ellipsis,) else list(args)
+    if len(kinds) != len(items):
+        raise Mismatch(f"expected {describe(tp)}, got {len(items)} value(s)")
+    try:
+        values = [k(v) if k in (int, float) else dtype_value(v, k) for v, k in zip(items, kinds)]
+    except ValueError:
+        raise Mismatch(f"expected {describe(tp)}, got {show(','.join(items))}") from None
+    return check(values, tp)

@@ -39,6 +39,7 @@ line (`--storage-options '{"anon": true}'`, `stores/cli.py: JsonObject`) and a T
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,9 +48,11 @@ from typing import Any, Iterable, NamedTuple
 
 import click
 
-from saeforge.stores.cli import STORAGE_OPTIONS_HELP, JsonObject, storage_options_option
+from saeforge.stores.cli import STORAGE_OPTIONS_HELP, JsonObject, UserPath, storage_options_option
+from saeforge.stores.files import expand_path
 from saeforge.trainer.errors import ConfigError  # a config file that cannot be used: one line
-from saeforge.trainer.fields import MISSING, FieldSpec, Mismatch, check, config_fields, describe, show
+from saeforge.trainer.fields import (DTYPE_ALIASES, MISSING, FieldSpec, Mismatch, check, config_fields, dtype_spellings,
+                                     dtype_value, list_items, show)
 
 try:
     import tomllib
@@ -70,6 +73,8 @@ class Table(NamedTuple):
     """Other names a user may write for a field; only used to suggest the right key."""
     elsewhere: dict[str, str] = {}
     """Fields the table does not take, and where they go instead."""
+    paths: tuple[str, ...] = ()
+    """Fields that hold local paths (or names, or URLs): `~` is expanded in them, from a flag or the file."""
 
 
 TABLES = {
@@ -79,12 +84,14 @@ TABLES = {
                      words={"writer_memory_mb": "writer_memory_bytes"},
                      elsewhere={"out": "the store harvest writes is the top-level `store`",
                                 "storage_options": "a store's options are the top-level `storage_options` table "
-                                                   "(beside `store`, above every [table])"}),
-    "train": Table("saeforge.trainer.config", "TrainConfig"),
+                                                   "(beside `store`, above every [table])"},
+                     paths=("out", "model", "dataset", "data_files")),
+    "train": Table("saeforge.trainer.config", "TrainConfig", paths=("log_dir",)),
     "sae": Table("saeforge.trainer.config", "SAEConfig", flags={"l1_coefficient": ("--l1",)},
                  words={"lambda": "l1_coefficient"}),
-    "eval": Table("saeforge.pipeline.evaluate", "EvalConfig"),
-    "demo": Table("saeforge.pipeline.cli_demo", "DemoConfig"),
+    "eval": Table("saeforge.pipeline.evaluate", "EvalConfig", paths=("model", "cache_dir")),
+    "demo": Table("saeforge.pipeline.cli_demo", "DemoConfig", flags={"plot_format": ("--format",)},
+                  paths=("model", "dataset")),
 }
 TOP_LEVEL = {"store": str, "out": str, "storage_options": dict}
 """The file's top-level keys: the store harvest writes and train / sweep / eval read; the run, sweep or demo
@@ -93,6 +100,8 @@ GRID_AXES = ("hook", "arch", "d_sae", "l1_coefficient", "seed")  # trainer/grid.
 GRID_EXTRA = {"l1_coefficient_baseline": list[float], "equal_compute": bool}
 CONFIG_HELP = ("TOML file (tables [harvest], [train], [sae], [grid], [[saes]], [eval], [demo]; top-level store, "
                "out, storage_options); flags override it.")
+CONFIG_OPTION = click.option("--config", "config_file", type=UserPath(exists=True, dir_okay=False), help=CONFIG_HELP)
+"""`--config FILE.toml` of every stage (`~` expanded)."""
 STORAGE_OPTIONS = storage_options_option(STORAGE_OPTIONS_HELP + " [the config file's top-level `storage_options`]")
 """`--storage-options JSON`: train, sweep and eval (harvest's is generated from `HarvestConfig.storage_options`)."""
 
@@ -122,6 +131,7 @@ def read_config(path: str | Path | None) -> ConfigFile:
     """Parse and check every table of a config file; `ConfigError` on the first problem."""
     if path is None:
         return ConfigFile()
+    path = expand_path(path)
     try:
         with open(path, "rb") as fh:
             doc = tomllib.load(fh)
@@ -133,6 +143,7 @@ def read_config(path: str | Path | None) -> ConfigFile:
     for key, value in doc.items():
         if key in TOP_LEVEL:
             tops[key] = _checked(value, TOP_LEVEL[key], path, key)
+            tops[key] = expand_path(tops[key]) if key in ("store", "out") else tops[key]
         elif key == "saes":
             if not (isinstance(value, list) and all(isinstance(e, dict) for e in value)):
                 raise ConfigError(f"{path}: saes must be [[saes]] tables (one per SAE), got {show(value)}")
@@ -161,7 +172,9 @@ def _check_table(values: dict, table: str, path, prefix: str) -> dict[str, Any]:
             raise ConfigError(f"{path}: {prefix}.{key} is not a key of [{table}]: {TABLES[table].elsewhere[key]}")
         if key not in specs:
             raise ConfigError(f"{path}: unknown key {prefix}.{key}{_key_hint(key, table)}")
-        out[key] = _checked(value, specs[key].type, path, f"{prefix}.{key}")
+        out[key] = _checked(dtype_value(value, specs[key].type), specs[key].type, path, f"{prefix}.{key}")
+        if key in TABLES[table].paths and out[key] is not None:
+            out[key] = tuple(map(expand_path, out[key])) if isinstance(out[key], tuple) else expand_path(out[key])
     return out
 
 
@@ -227,63 +240,127 @@ def build_config(cls, *layers: dict[str, Any]):
     return cls(**merged)
 
 
+_INVALID = re.compile(r"invalid (train|SAE) config: (.*)")
+"""The message of `TrainConfig` / `SAEConfig`'s `__post_init__`: "field problem; field problem"."""
+
+
+def config_error(exc: Exception, file: ConfigFile, flags: dict[str, dict]) -> str:
+    """The one line of a TrainConfig / SAEConfig error, each bad field named as the user gave it: as its flag
+    (`--steps`) when one of `flags` (table -> the flags given) set it, else as `FILE: train.steps` (`sae.`,
+    `grid.`, `saes[i].`) when the --config file did."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    m = _INVALID.match(text)
+    if not m:
+        return text
+    tables = ("train",) if m[1] == "train" else ("sae", "grid")
+    named = [_named(problem, tables, file, flags) for problem in m[2].split("; ")]
+    return text if named == m[2].split("; ") else "; ".join(named)
+
+
+def _named(problem: str, tables: tuple[str, ...], file: ConfigFile, flags: dict[str, dict]) -> str:
+    field, _, rest = problem.partition(" ")
+    if any(field in flags.get(t, {}) for t in tables):
+        return f"--{field.replace('_', '-')} {rest}"
+    homes = [f"{t}.{field}" for t in tables if field in file.get(t)]
+    homes += [f"saes[{i}].{field}" for i, e in enumerate(file.saes) if field in e and "sae" in tables]
+    return f"{file.path}: {homes[0]} {rest}" if homes else problem
+
+
 # ------------------------------------------------------------------ click options
 
 
+LIST_HELP = " (a comma list, repeatable)"
+
+
 class CommaList(click.ParamType):
-    """A tuple field on the command line: comma-separated values (`--layers 6,10`, `--adam-betas 0,0.999`)."""
+    """One occurrence of a list option: its comma-separated items, as strings. Every list option is repeatable, and
+    its occurrences are joined and typed together (`list_option`): `--layers 6,10`, `--layers 6 --layers 10`."""
 
     name = "list"
 
-    def __init__(self, tp):
-        self.tp = tp
+    def convert(self, value, param, ctx):
+        if isinstance(value, (tuple, list)):
+            return tuple(value)
+        return tuple(v.strip() for v in str(value).split(",") if v.strip())
+
+
+def list_option(*decls: str, tp, path: bool = False, **kwargs):
+    """A list option of type `tp` (`tuple[int, ...]`, `tuple[float, float]`, `tuple[Literal[...], ...]`): each
+    occurrence a comma list, the occurrences joined, the items typed by `fields.list_items`; `path`: items are
+    paths (`~` expanded). Not given: None."""
+    def joined(ctx, param, value):
+        items = [v for occurrence in value or () for v in occurrence]
+        if not value:
+            return None
+        try:
+            typed = list_items(items, tp)
+        except Mismatch as e:
+            raise click.BadParameter(f"{e} (a comma list, or the flag repeated)", ctx, param) from None
+        return tuple(expand_path(v) for v in typed) if path else typed
+
+    return click.option(*decls, type=CommaList(), multiple=True, callback=joined, metavar=_list_metavar(tp),
+                        **kwargs)
+
+
+class DtypeChoice(click.Choice):
+    """A dtype field's choice, listed as saeforge spells dtypes (float32|bfloat16|float16); the short names fp32,
+    bf16, fp16 are read as these; the value is the field's own spelling (`fields.dtype_spellings`)."""
+
+    def __init__(self, spellings: dict[str, str]):
+        super().__init__(list(spellings))
+        self.spellings = spellings
 
     def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        items = [v.strip() for v in value.split(",") if v.strip()]
-        args = typing.get_args(self.tp)
-        kinds = [args[0]] * len(items) if args[1:] == (Ellipsis,) else args
-        try:
-            if len(kinds) != len(items):
-                raise ValueError
-            return check([k(v) if k in (int, float) else v for v, k in zip(items, kinds)], self.tp)
-        except (Mismatch, ValueError):
-            self.fail(f"expected {describe(self.tp)}, comma-separated, got {value!r}", param, ctx)
+        text = DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+        return self.spellings[super().convert(text, param, ctx)]
+
+
+DTYPE_HELP = " (fp32, bf16, fp16 are accepted too)"
 
 
 def table_options(table: str, *, skip: Iterable[str] = (), only: Iterable[str] | None = None,
                   multiple: bool = False, dest: str | None = None) -> list:
     """click option decorators for the fields of `[table]` (minus `skip`, or just `only`); `multiple` makes
-    repeatable options (sweep axes). Each option's value arrives as `{dest or table}__{field}`; read the set
-    ones with `given`."""
+    list options of scalar fields (sweep axes). Each option's value arrives as `{dest or table}__{field}`; read the
+    set ones with `given`."""
     specs = fields_of(table).values()
     chosen = [s for s in specs if s.name not in set(skip) and (only is None or s.name in set(only))]
-    return [_option(s, TABLES[table].flags.get(s.name, ()), f"{dest or table}__{s.name}", multiple) for s in chosen]
+    t = TABLES[table]
+    return [_option(s, t.flags.get(s.name, ()), f"{dest or table}__{s.name}", multiple, s.name in t.paths)
+            for s in chosen]
 
 
-def _option(spec: FieldSpec, extra: tuple[str, ...], dest: str, multiple: bool):
+def _option(spec: FieldSpec, extra: tuple[str, ...], dest: str, multiple: bool, path: bool):
     flag = "--" + spec.name.replace("_", "-")
     tp = _without_none(spec.type)
-    help_ = spec.doc + (" (repeatable)" if multiple else "") + _default_text(spec.default)
-    if tp is bool and not multiple:
+    if multiple:
+        tp = tuple[tp, ...]
+    help_ = spec.doc + _default_text(spec.default)
+    if typing.get_origin(tp) is tuple:
+        return list_option(flag, *extra, dest, tp=tp, path=path, help=spec.doc + LIST_HELP + _default_text(spec.default))
+    if tp is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", *extra, dest, default=None, help=help_)
-    if typing.get_origin(tp) is typing.Literal:
+    spelled = dtype_spellings(tp)
+    if spelled:
+        kind = DtypeChoice(spelled)
+        help_ = spec.doc + DTYPE_HELP + _default_text(spec.default)
+    elif typing.get_origin(tp) is typing.Literal:
         kind = click.Choice([str(a) for a in typing.get_args(tp)])
-    elif typing.get_origin(tp) is tuple:
-        return click.option(flag, *extra, dest, type=CommaList(tp), multiple=multiple, default=None, help=help_,
-                            metavar=_list_metavar(tp))
     elif tp is dict or typing.get_origin(tp) is dict:
         kind = JsonObject()
+    elif path:
+        kind = UserPath(url_ok=True, metavar="PATH" if spec.name == "out" else "TEXT")
     else:
         kind = {int: click.INT, float: click.FLOAT, str: click.STRING}[tp]
-    return click.option(flag, *extra, dest, type=kind, multiple=multiple, default=None, help=help_)
+    return click.option(flag, *extra, dest, type=kind, default=None, help=help_)
 
 
 def _list_metavar(tp) -> str:
+    """`INTEGER,...` (any length), `FLOAT,FLOAT` (fixed), `baseline|gated,...` (choices)."""
     names = {int: "INTEGER", float: "FLOAT", str: "TEXT"}
     args = typing.get_args(tp)
-    return f"{names[args[0]]},..." if args[1:] == (Ellipsis,) else ",".join(names[a] for a in args)
+    name = (lambda a: names.get(a) or "|".join(map(str, dtype_spellings(a) or typing.get_args(a))))
+    return f"{name(args[0])},..." if args[1:] == (Ellipsis,) else ",".join(name(a) for a in args)
 
 
 def _without_none(tp):

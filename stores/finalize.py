@@ -39,12 +39,16 @@ from saeforge.stores.staging import StagedFile
 from saeforge.stores.stats import StatsAccumulator
 
 SHARDS, SCRATCH, STOP = "shards", "sub", "stop"
+MIN_BYTES_PER_WORKER = 256 << 20
+"""Rows (in bytes) below which another worker is not started by default (``workers_for``)."""
 POLL_S = 0.5
 """Seconds between looks at the shard records while a pool runs (the progress bar's step)."""
-DEFAULT_EXECUTOR = "threads"
-"""Measured by ``scripts/bench_harvest.py --section finalize`` (2-core Intel Xeon, 2M rows of d=576 bf16):
-see EXECUTOR_MEASURED."""
-EXECUTOR_MEASURED = "to be measured"
+DEFAULT_EXECUTOR = "processes"
+"""Processes, measured faster (``scripts/bench_harvest.py --section finalize``, results in
+``scripts/results/bench_harvest_finalize.json``: 2M rows of d=576 bf16 on a 2-core Intel Xeon): 2 processes
+1.18x one worker (median of 3), 2 threads 1.03x. Threads do not scale here: zarr's write path (its one event
+loop thread, and copies made holding the GIL) runs at about one core whatever the number of threads (pure
+zarr writes of whole shards: 255k rows/s from 1 thread, 222k from 2). Processes pay ~0.5 s each to start."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,8 +56,9 @@ class FinalizeOptions:
     """How the writer runs its second pass; nothing here changes the store's bytes."""
 
     workers: int | None = None
-    """Shard tasks at a time: None or 0 = the machine's cores (``os.cpu_count()``); 1 = one after another in
-    the writer's own process. Capped so that the tasks fit in ``memory_limit_bytes`` together."""
+    """Shard tasks at a time: None or 0 = the machine's cores (``os.cpu_count()``), one per
+    ``MIN_BYTES_PER_WORKER`` of rows at most; 1 = one after another in the writer's own process. Always capped
+    so that the tasks fit in ``memory_limit_bytes`` together."""
     executor: Literal["threads", "processes"] | None = None
     """What runs the tasks when ``close()`` is given no executor: a pool of threads or of processes; None =
     ``DEFAULT_EXECUTOR`` (threads for a ``memory://`` store, which other processes cannot see)."""
@@ -259,6 +264,19 @@ def max_tasks_in_memory(spec: WriterSpec, sizes: np.ndarray) -> int:
     return max(1, spec.memory_limit_bytes // (bucket + 2 * spec.shard_rows * spec.row_bytes))
 
 
+def workers_for(job: FinalizeJob, files: list[StagedFile], n_pending: int, options: FinalizeOptions,
+                auto: bool) -> int:
+    """Tasks at a time: what was asked for (``auto``: every core), no more than fit in memory or than there
+    are shards, and when ``auto`` no more than the rows make worth it: a worker process takes ~0.5 s to start
+    (its imports), what it finalizes in ~100 MiB of rows, so each is given MIN_BYTES_PER_WORKER at least
+    (a small store is finalized in the writer's own process)."""
+    workers = min(options.resolved(job.loc)[0], max_tasks_in_memory(job.spec, bucket_sizes(files)), n_pending)
+    if auto:
+        pending_bytes = n_pending * job.spec.shard_rows * job.spec.row_bytes
+        workers = min(workers, max(1, pending_bytes // MIN_BYTES_PER_WORKER))
+    return max(1, workers)
+
+
 def _runs(pending: list[int], per_task: int) -> list[tuple[int, int]]:
     """[first, stop) ranges of at most ``per_task`` consecutive shards of ``pending`` (sorted)."""
     runs = []
@@ -290,8 +308,8 @@ def run(job: FinalizeJob, files: list[StagedFile], options: FinalizeOptions, exe
     pending = [k for k in range(job.n_shards) if k not in done]
     if not pending:
         return
-    wanted, kind = options.resolved(job.loc)
-    workers = min(wanted, max_tasks_in_memory(job.spec, bucket_sizes(files)), len(pending))
+    workers = workers_for(job, files, len(pending), options, auto=options.workers in (None, 0) and executor is None)
+    kind = options.resolved(job.loc)[1]
     tasks = plan(job, files, pending, workers)
     if executor is None and workers == 1:
         for task in tasks:

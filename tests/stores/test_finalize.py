@@ -69,7 +69,7 @@ def test_the_cases_need_more_than_one_task_and_the_recursive_one_recurses(serial
 
 @pytest.mark.parametrize("pool", [dict(finalize_workers=2, finalize_executor="threads"),
                                   dict(finalize_workers=2, finalize_executor="processes"),
-                                  dict(finalize_workers=0)], ids=["2 threads", "2 processes", "every core"])
+                                  dict(finalize_workers=0)], ids=["2 threads", "2 processes", "default"])
 def test_any_number_of_workers_writes_the_same_bytes(serial, tmp_path, pool):
     case, root, n = serial
     shutil.copytree(root / "staged", tmp_path / "s")
@@ -232,3 +232,29 @@ def test_processes_cannot_write_a_memory_store_threads_can():
         for acts, tok, seq, pos in stream(3000, HOOKS):
             w.append(acts, token_ids=tok, seq_idx=seq, pos=pos)
     assert open_store(url).n_rows == 3000 and verify_store(url).ok
+
+
+def test_workers_are_what_fits_and_by_default_what_the_rows_make_worth_it(monkeypatch):
+    from saeforge.stores.schema import locate
+    from saeforge.stores.spec import WriterSpec
+    from saeforge.stores.staging import StagedFile
+
+    monkeypatch.setattr(finalize.os, "cpu_count", lambda: 16)
+    spec = WriterSpec.build(hooks={"h": 576}, dtype="bfloat16", seed=0, expected_rows=2_000_000, provenance={},
+                            memory_limit_bytes=1 << 30, chunk_rows=None, shard_chunks=32)
+
+    def workers(n_rows, **options):
+        counts = np.full(spec.n_buckets, n_rows // spec.n_buckets)
+        counts[0] += n_rows - counts.sum()
+        job = finalize.FinalizeJob(locate("unused"), spec, n_rows, "unused")
+        opts = finalize.FinalizeOptions(**options)
+        return finalize.workers_for(job, [StagedFile("f", counts)], job.n_shards, opts,
+                                    auto=options.get("workers") in (None, 0))
+
+    # 1 GiB: a task holds a bucket of ~115k rows (134 MiB) and two shards of 65k rows (2 x 75 MiB)
+    assert finalize.max_tasks_in_memory(spec, np.full(spec.n_buckets, 2_000_000 // spec.n_buckets)) == 3
+    assert workers(2_000_000) == 3  # 16 cores, 2.2 GiB of rows: the memory limit decides
+    assert workers(300_000) == 1  # 334 MiB of rows: one worker, in the writer's process
+    assert workers(300_000, workers=2) == 2  # asked for: given
+    assert workers(2_000_000, workers=8) == 3  # never more than fit in memory
+    assert workers(100_000, workers=8) == 2  # nor than there are shards

@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib.metadata
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple
@@ -32,6 +33,7 @@ from saeforge.pipeline import hub
 from saeforge.pipeline.errors import HookError, ModelLoadError
 from saeforge.pipeline.model_files import (OFFLINE_MODELS, config_layers, dequantised_dir, held_logs,
                                            offline_model_file, weights_digest)
+from saeforge.stores.progress import progress_bar
 from saeforge.stores.schema import hook_layer
 
 SITES = {
@@ -213,12 +215,28 @@ def check_model(spec: str, *, layers=(), sites=(), hooks=()) -> ModelSource:
     return src
 
 
+@contextmanager
+def _dequantise_bar():
+    """transformers' per-tensor GGUF dequantisation loop counted by saeforge's bar (stderr; --quiet silences it)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    drawn = getattr(gguf_utils, "tqdm", None)
+    if drawn is not None:
+        gguf_utils.tqdm = lambda tensors, **kw: progress_bar(iterable=tensors, desc="dequantise GGUF", unit="tensor")
+    try:
+        yield
+    finally:
+        if drawn is not None:
+            gguf_utils.tqdm = drawn
+
+
 def _materialise(src: ModelSource) -> tuple[str, dict]:
     """(local directory or hub name to load, provenance): a GGUF file is dequantised (once, cached); a local
     directory's files are digested."""
     info = dict(src.info)
     if info["source"] == "gguf":
-        directory, sha = dequantised_dir(Path(src.path), info.get("hf_name"))
+        with _dequantise_bar():
+            directory, sha = dequantised_dir(Path(src.path), info.get("hf_name"))
         named = {"hf_name": info["hf_name"]} if "hf_name" in info else {}
         return str(directory), {"source": "gguf", "file": info["file"], "sha256": sha, **named}
     if info["source"] == "local":

@@ -23,6 +23,7 @@ from saeforge.pipeline.data import cache_dir, dataset_identity, iter_documents
 from saeforge.pipeline.errors import DatasetError
 from saeforge.stores.files import atomic_path, temp_file_pid
 from saeforge.stores.lock import pid_alive
+from saeforge.stores.progress import progress_bar
 
 TOKENIZE_BATCH = 64
 """Documents (or pieces of a long one) tokenised per call: fast tokenizers parallelise over them..."""
@@ -146,18 +147,19 @@ class TokenCache:
     ``cache_dir()/tokens``, named ``{key}.{n_docs}.{full|part}.npy``: the stream of the first ``n_docs``
     documents. It is grown on demand (:meth:`ensure`) by tokenising the following documents, so a small
     budget on a huge corpus tokenises only what it needs; every file is written to a temporary name and
-    renamed (atomic), and readers memory-map it.
+    renamed (atomic), and readers memory-map it. ``progress``: tokenising shows a bar on stderr once it takes
+    more than a second (``--quiet`` silences it).
     """
 
-    def __init__(self, record: dict, tokenizer, key: str):
-        self.record, self.tokenizer, self.key = record, tokenizer, key
+    def __init__(self, record: dict, tokenizer, key: str, *, progress: bool = True):
+        self.record, self.tokenizer, self.key, self.progress = record, tokenizer, key, progress
         self.dir = cache_dir() / "tokens"
         self.ids: np.ndarray = np.zeros(0, dtype=np.int32)  # (n,) int32 token ids, memory-mapped from disk
         self.n_docs, self.complete = 0, False
         self._load()
 
     @classmethod
-    def open(cls, record: dict, tokenizer) -> "TokenCache | None":
+    def open(cls, record: dict, tokenizer, *, progress: bool = True) -> "TokenCache | None":
         """The cache of a finite text dataset (None for a streamed one, a pre-tokenised one, whose ids are read as
         stored, or a tokenizer without a digest)."""
         streamed_or_ids = record["kind"] == "hf" or record.get("pretokenized")
@@ -166,7 +168,7 @@ class TokenCache:
         if ident is None or digest is None:
             return None
         key = hashlib.sha256(json.dumps([ident, digest]).encode()).hexdigest()[:40]
-        return cls(record, tokenizer, key)
+        return cls(record, tokenizer, key, progress=progress)
 
     def _files(self) -> list[tuple[int, bool, Path]]:
         out = []
@@ -195,12 +197,15 @@ class TokenCache:
         for _ in itertools.islice(docs, self.n_docs):
             pass  # already cached: read past, not tokenised
         new, got, n_docs, complete = [], 0, self.n_docs, True
-        for ids in token_stream(docs, self.tokenizer):
-            new.append(ids.astype(np.int32))
-            got, n_docs = got + len(ids), n_docs + 1
-            if got >= want:
-                complete = False  # maybe more documents: a later _extend that finds none marks it full
-                break
+        with progress_bar(want, desc="tokenise", unit="tok", enabled=self.progress, unit_scale=True, quick=True,
+                          leave=False) as bar:
+            for ids in token_stream(docs, self.tokenizer):
+                new.append(ids.astype(np.int32))
+                got, n_docs = got + len(ids), n_docs + 1
+                bar.update(min(len(ids), want - bar.n))
+                if got >= want:
+                    complete = False  # maybe more documents: a later _extend that finds none marks it full
+                    break
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"{self.key}.{n_docs}.{'full' if complete else 'part'}.npy"
         with atomic_path(final) as tmp:  # renamed over `final` once complete: readers never see a partial file

@@ -16,6 +16,8 @@ import sys
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
+QUICK_DELAY_S = 1.0
+"""A ``quick`` bar (work that often ends sooner: verify a small store, tokenise a short text) shows after this long."""
 _QUIET = [0]
 """How many :func:`quiet` blocks are open (bars drawn in background threads read it too)."""
 
@@ -39,21 +41,21 @@ through their own API (looked up in ``sys.modules``, never imported here) and re
 
 
 def progress_bar(total: int | None = None, *, desc: str, unit: str, enabled: bool = True, initial: int = 0,
-                 unit_scale: bool = False, smoothing: float = 0.3, dynamic_ncols: bool = False, delay: float = 0.0,
+                 unit_scale: bool = False, smoothing: float = 0.3, dynamic_ncols: bool = False, quick: bool = False,
                  leave: bool = True, iterable: Iterable | None = None):
     """A tqdm bar on stderr counting ``unit`` up to ``total`` from ``initial`` (work done by an earlier run).
 
     ``unit_scale``: print 1.2M instead of 1200000. ``smoothing``: 0 averages over the whole run, 1 shows the
-    latest rate (tqdm's default 0.3). ``dynamic_ncols``: follow the terminal's width. ``delay``: seconds before
-    the bar first shows (work that ends sooner prints nothing). ``leave``: keep the finished bar on screen.
+    latest rate (tqdm's default 0.3). ``dynamic_ncols``: follow the terminal's width. ``quick``: the bar first
+    shows after ``QUICK_DELAY_S`` (work that ends sooner prints nothing). ``leave``: keep the finished bar on screen.
     ``iterable``: iterate the bar to go through it (``total`` defaults to its length). Not ``enabled``, or inside
     :func:`quiet`: a bar that prints nothing.
     """
     from tqdm import tqdm  # here, so that importing saeforge.stores does not import tqdm
 
     return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit_scale,
-                smoothing=smoothing, dynamic_ncols=dynamic_ncols, file=sys.stderr, delay=delay, leave=leave,
-                disable=not enabled or is_quiet())
+                smoothing=smoothing, dynamic_ncols=dynamic_ncols, file=sys.stderr, leave=leave,
+                delay=QUICK_DELAY_S if quick else 0.0, disable=not enabled or is_quiet())
 
 
 def is_quiet() -> bool:

@@ -70,7 +70,7 @@ def _verify(loc, attrs, progress: bool) -> VerifyReport:
     acc = StatsAccumulator.empty({h: store.d(h) for h in store.hooks})
     names = [n for n in [*store.hooks, *schema.META_ARRAYS] if n not in unreadable]
     with progress_bar(sum(-(-store.n_rows // _step(store, n)) for n in names), desc="verify", unit="chunk",
-                      enabled=progress, delay=1.0) as bar:
+                      enabled=progress, quick=True) as bar:
         bad, n_checked = [], 0
         for name in names:
             failed, more, n = _check_array(store, name, acc, bar)

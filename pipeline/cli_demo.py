@@ -42,7 +42,8 @@ class DemoConfig:
             problems.append(("dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}"))
         if self.plot_format not in ("png", "svg", "pdf"):
             problems.append(("plot_format", f"must be png, svg or pdf, got {self.plot_format!r}"))
-        problems += [(name, "must not be empty") for name in ("device", "model", "dataset") if getattr(self, name) == ""]
+        problems += [(name, "must not be empty") for name in ("device", "model", "dataset")
+                     if getattr(self, name) == ""]
         if problems:
             from saeforge.pipeline.errors import ConfigError
 

@@ -1,12 +1,14 @@
 """Does SAELens load saeforge run directories and compute the same SAE? (a check, not a test)
 
     python -m venv /tmp/saelens-venv && /tmp/saelens-venv/bin/pip install torch==2.13.0  # CPU wheel first
-    /tmp/saelens-venv/bin/pip install sae-lens
+    /tmp/saelens-venv/bin/pip install -e ".[test]" "sae-lens==6.54.12"                     # beside saeforge
     python scripts/check_saelens.py --saelens-python /tmp/saelens-venv/bin/python
     python scripts/check_saelens.py --saelens-python /tmp/saelens-venv/bin/python --run runs/g1 --run runs/b1
 
-SAELens pins transformer-lens 3, so it lives in its own venv and runs here as a subprocess. Without `--run`
-the script writes a small float32 store (20k rows, d_in 64) and trains one baseline and one gated SAE with
+SAELens runs as a subprocess of `--saelens-python`: any interpreter with sae-lens installed, such as a venv where
+it sits beside saeforge (sae-lens 6.54 pins transformer-lens < 4, which saeforge supports; CI's second venv runs
+`tests/test_saelens_real.py` there), or this script's own python when that venv runs it. Without `--run` the
+script writes a small float32 store (20k rows, d_in 64) and trains one baseline and one gated SAE with
 `saeforge train` under `--dir`. For each run it evaluates our `load_sae` on the same inputs (store rows plus
 Gaussian rows at the store's scale), hands x and our outputs over as .npy files, and has SAELens's
 `SAE.load_from_disk` compute encode / decode / forward. Prints one JSON line per run (max abs and max

@@ -68,7 +68,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bridge(tiny_model_dir):
-    """The tiny Llama wrapped by TransformerLens 4's TransformerBridge (fp32, cpu)."""
+    """The tiny Llama wrapped by TransformerLens's TransformerBridge (3.0 to 4.x, whichever is installed; fp32, cpu)."""
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -337,7 +337,8 @@ def _option(spec: FieldSpec, extra: tuple[str, ...], dest: str, multiple: bool, 
         tp = tuple[tp, ...]
     help_ = spec.doc + _default_text(spec.default)
     if typing.get_origin(tp) is tuple:
-        return list_option(flag, *extra, dest, tp=tp, path=path, help=spec.doc + LIST_HELP + _default_text(spec.default))
+        help_ = spec.doc + LIST_HELP + _default_text(spec.default)
+        return list_option(flag, *extra, dest, tp=tp, path=path, help=help_)
     if tp is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", *extra, dest, default=None, help=help_)
     spelled = dtype_spellings(tp)

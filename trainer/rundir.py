@@ -6,6 +6,8 @@
     <run>/checkpoint.pt             resumable state; the previous one kept as checkpoint.prev.pt (checkpoint.py)
     <run>/.<file>.<pid>.<thread>.tmp  an atomic write in progress; one a kill left is removed by the next run
     <run>/eval.json                 written by `saeforge eval` (saeforge.pipeline.eval_files)
+    <run>/wandb.jsonl               the run's wandb id and the steps sent, with `--log-to wandb` (loggers.py)
+    <run>/tensorboard/              TensorBoard event files, with `--log-to tensorboard` and no --log-dir (loggers.py)
     <sweep>/sweep.json              a sweep's run names (in order), store, hooks and configs
 
 cfg.json's `saeforge` record holds the run's identity (`sae`, `train`, `store`, `d_in`, `input_scale`,

@@ -84,6 +84,15 @@ COMMON = [  # (command line, a needle of its error line or None); later flags ov
         (["MISSING"], "is not a directory"), (["FILE"], "is a file"), (["DIR"], "saeforge eval"), ([""], "empty"),
         (["DIR", "--out", "FILE"], "not a directory"), (["DIR", "--out", ""], "--out is empty"),
         (["DIR", "--out", "memory://x"], "a URL")]],
+    *[(["store", "import-saelens", "--quiet", *extra], needle) for extra, needle in [
+        (["MISSING", "DIR/s"], "not a SAELens activation cache"), (["FILE", "DIR/s"], "not a SAELens activation cache"),
+        (["DIR", "DIR/s"], "no state.json"), (["TEXT", "DIR/s"], "not a SAELens activation cache"),
+        (["", "DIR/s"], "cache must not be empty"), (["DIR", ""], "out must not be empty"),
+        (["DIR", "DIR/s", "--dtype", "float64"], "'float64' is not one of"),
+        (["DIR", "DIR/s", "--writer-memory-mb", "0"], "--writer-memory-mb must be >= 1"),
+        (["DIR", "DIR/s", "--skip-token-id", "x"], "--skip-token-id"),
+        (["DIR", "DIR/s", "--storage-options", "[1]"], "--storage-options is a JSON list"),
+        (["DIR", "DIR/s", "--threads", "0"], "--threads must be")]],
     *[(["demo", "--quiet", *extra], needle) for extra, needle in [
         (["FILE"], "is a file"), ([""], "OUT is empty"), (["memory://x"], "a URL"), (["UNDER_FILE"], "is a file"),
         (["--device", "bogus"], "unknown device"), (["--preset", "bogus"], "'bogus' is not one of"),

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from saeforge.pipeline.cli import main
 
-COMMANDS = [["harvest"], ["store"], ["store", "info"], ["store", "verify"], ["train"], ["sweep"], ["eval"], ["plot"],
-            ["demo"]]
+COMMANDS = [["harvest"], ["store"], ["store", "info"], ["store", "verify"], ["store", "import-saelens"], ["train"],
+            ["sweep"], ["eval"], ["plot"], ["demo"]]
 # The config tables each command's options come from, minus the fields spelled otherwise there (train: `--hook`
 # is the run's hook; sweep: `--hook` is repeatable and grid SAEs are named from their settings).
 TABLES_OF = {"harvest": {"harvest": ()}, "train": {"sae": ("hook",), "train": ()},

@@ -127,6 +127,63 @@ def test_every_command_reports_a_bad_file_in_one_line_and_writes_nothing(tmp_pat
     assert not out.exists()
 
 
+# One bad file per command and kind of mistake, in the tables that command reads: a syntax error (the line and
+# column), a value of the wrong type (what was expected), an unknown key (the closest one), a value the config
+# refuses (its bound). Each is one `Error:` line naming the file, the key and the fix; nothing is written.
+BAD_FILES = {
+    "harvest": [("[harvest]\ntokens = 10\nlayers = [1,,2]\n", "line 3 is 'layers = [1,,2]'", "fix its syntax"),
+                ('[harvest]\ntokens = "many"\n', "harvest.tokens", 'expected an integer, got "many"'),
+                ("[harvest]\ntokenz = 10\n", "harvest.tokenz", "did you mean tokens?"),
+                ("[harvest]\ntokens = 0\n", "harvest.tokens", "must be >= 1, got 0"),
+                ("store = 3\n", "store", "expected a string, got 3")],
+    "train": [('[train]\nsteps = "x"\n', "train.steps", 'expected an integer, got "x"'),
+              ("[train]\nstepz = 3\n", "train.stepz", "did you mean steps?"),
+              ("[train]\nsteps = 0\n", "train.steps", "must be a positive integer, got 0"),
+              ("[sae]\nd_sae = 0\n", "sae.d_sae", "must be an integer in [1, 16777216], got 0"),
+              ('[train]\nlog_to = "wandb"\n', "train.log_to", 'expected a list of strings, got "wandb"'),
+              ("[train]\nadam_betas = [0, 2]\n", "train.adam_betas", "must lie in [0, 1)"),
+              ("storage_options = 3\n", "storage_options", "expected a table, got 3")],
+    "sweep": [('[grid]\narch = ["gatd"]\n', "grid.arch", 'values among "baseline", "gated", got ["gatd"]'),
+              ("[grid]\nl1 = [1e-3]\n", "grid.l1", "did you mean l1_coefficient?"),
+              ("[grid]\nd_sae = [0]\n", "grid.d_sae", "must be an integer in [1, 16777216], got 0"),
+              ("[[saes]]\nlr = 2.0\n", "saes[0].lr", "must be in (0, 1], got 2.0"),
+              ("[train]\nlog_every = 0\n", "train.log_every", "must be a positive integer, got 0")],
+    "eval": [("[eval]\ntokens = 1_\n", "line 2 is 'tokens = 1_'", "fix its syntax"),
+             ("[eval]\nbatch_size = 1.5\n", "eval.batch_size", "expected an integer, got 1.5"),
+             ("[eval]\nbootstrap_resample = 10\n", "eval.bootstrap_resample", "did you mean bootstrap_resamples?"),
+             ("[eval]\ntokens = 0\n", "eval.tokens", "must be >= 1, got 0"),
+             ('[eval]\ndtype = "float64"\n', "eval.dtype", 'expected one of "store", "auto"')],
+    "demo": [("[demo]\npreset = 3\n", "demo.preset", 'expected one of "demo", "study", "paper", got 3'),
+             ('[demo]\npreseet = "demo"\n', "demo.preseet", "did you mean preset?"),
+             ('[demo]\nformat = "gif"\n', "demo.format", "did you mean plot_format?"),
+             ('[demo]\nplot_format = "gif"\n', "demo.plot_format", 'expected one of "png", "svg", "pdf"'),
+             ('[demo]\ndevice = ""\n', "demo.device", "must not be empty")],
+}
+
+
+@pytest.mark.parametrize("command, text, key, fix", [(c, *case) for c, cases in BAD_FILES.items() for case in cases],
+                         ids=[f"{c}-{case[1]}-{i}" for c, cases in BAD_FILES.items() for i, case in enumerate(cases)])
+def test_a_bad_file_is_one_line_naming_the_file_the_key_and_the_fix(tmp_path, command, text, key, fix):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    out = tmp_path / "out"
+    args = {"harvest": ["--out", out], "train": ["--store", tmp_path, "--out", out],
+            "sweep": ["--store", tmp_path, "--out", out], "eval": [tmp_path], "demo": [out]}
+    line = one_error_line(invoke(command, "--config", path, *args[command], "--quiet"))
+    assert line.startswith(f"Error: {path}: ") and key in line and fix in line, line
+    assert not out.exists()
+
+
+def test_dtype_short_names_in_a_file_are_read_as_the_long_ones(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text('[harvest]\nlm_dtype = "bf16"\nstore_dtype = "fp16"\n[eval]\ndtype = "fp32"\n'
+                    '[train]\nautocast = "bfloat16"\n[demo]\ndtype = "bf16"\n')
+    cfg = read_config(path)
+    assert cfg.get("harvest") == {"lm_dtype": "bfloat16", "store_dtype": "float16"}
+    assert cfg.get("eval") == {"dtype": "float32"} and cfg.get("demo") == {"dtype": "bfloat16"}
+    assert cfg.get("train") == {"autocast": "bf16"}  # TrainConfig's own spelling of bfloat16 autocast
+
+
 # ------------------------------------------------------------------ train, sweep
 
 
@@ -248,3 +305,5 @@ def test_demo_takes_out_and_its_table_from_the_file(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert seen == {"out": str(tmp_path / "d"), "preset": "study", "dtype": "float32", "device": "cpu",
                     "model": "smollm2-135m", "dataset": "shakespeare", "progress": False}
+    res = invoke("demo", "--config", toml, "--format", "svg", "--dtype", "fp16", "--quiet")
+    assert res.exit_code == 0 and (seen["plot_format"], seen["dtype"]) == ("svg", "float16"), res.output

@@ -138,7 +138,7 @@ def read_config(path: str | Path | None) -> ConfigFile:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read it: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: not valid TOML: {str(exc).splitlines()[0]}{_bad_line(path, exc)}") from None
     tops, tables, saes = {}, {}, []
     for key, value in doc.items():
         if key in TOP_LEVEL:
@@ -156,6 +156,16 @@ def read_config(path: str | Path | None) -> ConfigFile:
         else:
             raise ConfigError(f"{path}: unknown top-level key {key}{_top_hint(key)}")
     return ConfigFile(str(path), tables=tables, saes=saes, **tops)
+
+
+def _bad_line(path, exc: Exception) -> str:
+    """The line a TOML syntax error points at, quoted, and what to do: `; line 3 is 'layers = [1,,2]': fix it`."""
+    m = re.search(r"at line (\d+)", str(exc))
+    try:
+        line = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()[int(m[1]) - 1].strip()
+    except (TypeError, IndexError, OSError):
+        return "; fix the file's syntax (strings in quotes, lists in [...], one key = value per line)"
+    return f"; line {m[1]} is {line[:80]!r}: fix its syntax (strings in quotes, lists in [...], one key = value)"
 
 
 def _checked(value, tp, path, where: str):
@@ -360,7 +370,7 @@ def _list_metavar(tp) -> str:
     """`INTEGER,...` (any length), `FLOAT,FLOAT` (fixed), `baseline|gated,...` (choices)."""
     names = {int: "INTEGER", float: "FLOAT", str: "TEXT"}
     args = typing.get_args(tp)
-    name = (lambda a: names.get(a) or "|".join(map(str, dtype_spellings(a) or typing.get_args(a))))
+    name = (lambda a: names.get(a) or "|".join(map(str, typing.get_args(a))))
     return f"{name(args[0])},..." if args[1:] == (Ellipsis,) else ",".join(name(a) for a in args)
 
 

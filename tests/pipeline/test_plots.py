@@ -1,6 +1,8 @@
 """Sweep reports (table + PNGs) and the `saeforge eval` / `saeforge plot` commands through CliRunner."""
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -79,6 +81,32 @@ def test_training_curves_come_from_each_runs_metrics(tmp_path):
     out = plot_sweep(sweep)
     curves = [p for p in out["plots"] if p.endswith("training_curves.png")]
     assert len(curves) == 1 and _is_png(curves[0]) and len(out["plots"]) == 3 + 4
+
+
+MAGIC = {"png": lambda b: b.startswith(b"\x89PNG\r\n\x1a\n"), "pdf": lambda b: b.startswith(b"%PDF"),
+         "svg": lambda b: b"<svg" in b[:2000] and b.rstrip().endswith(b"</svg>")}
+
+
+@pytest.mark.parametrize("fmt", sorted(MAGIC))
+def test_every_format_writes_valid_files_through_the_cli(tmp_path, fmt):
+    r = CliRunner().invoke(main, ["plot", str(_fake_sweep(tmp_path / "s")), "--format", fmt, "--json"])
+    assert r.exit_code == 0, r.output
+    plots = json.loads(r.stdout)["plots"]
+    assert len(plots) == 2 + 4 and all(p.endswith(f".{fmt}") and MAGIC[fmt](open(p, "rb").read()) for p in plots)
+    listed = CliRunner().invoke(main, ["plot", str(tmp_path / "s"), "--format", fmt]).stdout.split()
+    assert listed == json.loads(r.stdout)["table"] + plots  # without --json: the files, one per line
+
+
+def test_plotting_leaves_the_backend_and_pyplot_alone(tmp_path):
+    """A notebook's backend (here `template`, set as a notebook would) is the same after plotting in every format,
+    and pyplot is never imported."""
+    sweep = _fake_sweep(tmp_path / "s")
+    code = ("import sys, matplotlib\nmatplotlib.use('template')\nfrom saeforge.pipeline.plots import plot_sweep\n"
+            f"for fmt in ('png', 'svg', 'pdf'):\n    plot_sweep({str(sweep)!r}, fmt=fmt)\n"
+            "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["template", "False"]
+    assert sorted(p.name for p in (sweep / "report").glob("pareto.*")) == ["pareto.pdf", "pareto.png", "pareto.svg"]
 
 
 def test_plot_errors_name_what_is_missing(tmp_path):

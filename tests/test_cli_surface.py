@@ -345,3 +345,37 @@ def test_run_files_are_readable_as_the_umask_says(tmp_path, umask, mode):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir()}
     assert modes == {"cfg.json": mode, "sae_weights.safetensors": mode, "checkpoint.pt": mode, "notes.json": mode}
+
+
+# ------------------------------------------------------------------ import-saelens at a URL
+
+
+def test_import_saelens_takes_storage_options_for_an_out_at_a_url(tmp_path, monkeypatch):
+    """Every look at OUT (is it complete? the writer, the finished store) goes through its filesystem with the
+    options given; the options are not recorded in the store."""
+    from saeforge.stores import open_store, schema
+    from tests.pipeline.test_import_saelens import CTX, N_SEQ, write_cache
+
+    write_cache(tmp_path / "cache")
+    url, opts, seen, locate = "memory://surface-import/store", {"skip_instance_cache": True}, [], schema.locate
+    monkeypatch.setattr(schema, "locate", lambda p, o=None: seen.append((str(p), o)) or locate(p, o))
+    for again in (False, True):  # the second run finds the complete store through the same options
+        res = invoke("store", "import-saelens", tmp_path / "cache", url, "--storage-options", json.dumps(opts),
+                     "--json", "--quiet")
+        assert res.exit_code == 0 and res.stderr == "", res.output
+        result = json.loads(res.stdout)
+        assert (result["rows"], result["already_complete"]) == (N_SEQ * CTX, again)
+    at_out = [o for p, o in seen if p.startswith(url)]
+    assert len(at_out) >= 4 and all(o == opts for o in at_out), at_out
+    assert "skip_instance_cache" not in json.dumps(open_store(url).attrs.to_json())
+
+
+def test_train_and_sweep_print_a_summary_or_one_json_document(tmp_path):
+    write_store(tmp_path / "acts", n_rows=512)
+    common = ["--store", tmp_path / "acts", "--hook", HOOK, "--d-sae", 8, "--steps", 4, "--batch-rows", 64,
+              "--log-every", 2, "--resample-every", 0, "--device", "cpu", "--quiet"]
+    res = invoke("train", *common, "--out", tmp_path / "run")
+    assert res.exit_code == 0 and res.stdout.startswith(f"{tmp_path / 'run'}  gated d_sae=8 {HOOK}  step 4  L0 ")
+    res = invoke("sweep", *common, "--arch", "gated,baseline", "--out", tmp_path / "sweep", "--json")
+    runs = json.loads(res.stdout)
+    assert res.exit_code == 0 and [r["arch"] for r in runs] == ["gated", "baseline"] and runs[0]["step"] == 4

@@ -250,32 +250,6 @@ def build_config(cls, *layers: dict[str, Any]):
     return cls(**merged)
 
 
-_INVALID = re.compile(r"invalid (train|SAE) config: (.*)")
-"""The message of `TrainConfig` / `SAEConfig`'s `__post_init__`: "field problem; field problem"."""
-
-
-def config_error(exc: Exception, file: ConfigFile, flags: dict[str, dict]) -> str:
-    """The one line of a TrainConfig / SAEConfig error, each bad field named as the user gave it: as its flag
-    (`--steps`) when one of `flags` (table -> the flags given) set it, else as `FILE: train.steps` (`sae.`,
-    `grid.`, `saes[i].`) when the --config file did."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    m = _INVALID.match(text)
-    if not m:
-        return text
-    tables = ("train",) if m[1] == "train" else ("sae", "grid")
-    named = [_named(problem, tables, file, flags) for problem in m[2].split("; ")]
-    return text if named == m[2].split("; ") else "; ".join(named)
-
-
-def _named(problem: str, tables: tuple[str, ...], file: ConfigFile, flags: dict[str, dict]) -> str:
-    field, _, rest = problem.partition(" ")
-    if any(field in flags.get(t, {}) for t in tables):
-        return f"--{field.replace('_', '-')} {rest}"
-    homes = [f"{t}.{field}" for t in tables if field in file.get(t)]
-    homes += [f"saes[{i}].{field}" for i, e in enumerate(file.saes) if field in e and "sae" in tables]
-    return f"{file.path}: {homes[0]} {rest}" if homes else problem
-
-
 # ------------------------------------------------------------------ click options
 
 

@@ -396,15 +396,18 @@ def report_finalize(args, rows, digests, variants):
     result = {"cpu": cpu, "cores": os.cpu_count(), "rows": args.rows, "d": args.d, "memory_mb": args.memory_mb,
               "folder": str(args.tmp or tempfile.gettempdir()), "same_bytes": same, "summary": summary,
               "measurements": rows}
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(result, indent=1) + "\n")
+    out = Path(args.results)  # one entry per --label: runs in other folders (disk, tmpfs) sit side by side
+    runs = json.loads(out.read_text()) if out.exists() else {}
+    runs[args.label] = result
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(runs, indent=1) + "\n")
     print(f"finalize of {args.rows:,} rows x {args.d} bf16 in {result['folder']}, {args.finalize_repeats} repeats, "
           f"{cpu}, {os.cpu_count()} cores; every variant wrote the same bytes: {same}")
     print(f"  {'':<14}{'median rows/s':>14}{'ratio':>8}{'best rows/s':>13}{'ratio':>8}")
     for key, v in summary.items():
         print(f"  {key:<14}{v['median_rows_per_s']:>14,.0f}{v['median_ratio']:>7.2f}x"
               f"{v['best_rows_per_s']:>13,.0f}{v['best_ratio']:>7.2f}x")
-    print(f"results in {args.results}")
+    print(f"results in {args.results} [{args.label!r}]")
 
 
 def run_distributed(args):
@@ -479,6 +482,7 @@ def main(argv=None):
     f.add_argument("--max-busy", type=float, default=0.2)
     f.add_argument("--tmp", default=None, help="folder for the staged input and its copies (default: a temp dir)")
     f.add_argument("--results", default=str(Path(__file__).parent / "results" / "bench_harvest_finalize.json"))
+    f.add_argument("--label", default="disk", help="the run's key in --results (e.g. disk, tmpfs)")
     d = ap.add_argument_group("section distributed (also --model-config, --context-size, --batch-size, --tmp)")
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--dist-tokens", type=int, default=200_000)

@@ -44,11 +44,13 @@ MIN_BYTES_PER_WORKER = 256 << 20
 POLL_S = 0.5
 """Seconds between looks at the shard records while a pool runs (the progress bar's step)."""
 DEFAULT_EXECUTOR = "processes"
-"""Processes, measured faster (``scripts/bench_harvest.py --section finalize``, results in
-``scripts/results/bench_harvest_finalize.json``: 2M rows of d=576 bf16 on a 2-core Intel Xeon): 2 processes
-1.18x one worker (median of 3), 2 threads 1.03x. Threads do not scale here: zarr's write path (its one event
-loop thread, and copies made holding the GIL) runs at about one core whatever the number of threads (pure
-zarr writes of whole shards: 255k rows/s from 1 thread, 222k from 2). Processes pay ~0.5 s each to start."""
+"""Processes, measured faster (``scripts/bench_harvest.py --section finalize``, 2M rows of d=576 bf16, 2-core
+Intel Xeon; ``scripts/results/bench_harvest_finalize.json``): against one worker, 2 processes 1.62x on disk
+and 1.46x in tmpfs (medians), 2 threads 1.54x and 0.90x. Threads gain only while the kernel's writes run:
+zarr's write path (one event-loop thread, copies made holding the GIL) is about one core however many threads
+call it (whole-shard zarr writes: 255k rows/s from 1 thread, 222k from 2). A process costs ~0.5 s to start,
+and one worker already uses ~1.2 cores (zarr encodes a shard's chunks in its own threads), so 2 cores give
+~1.5x, not 2x."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -52,7 +52,7 @@ class Batch(NamedTuple):
 
 
 def window_batches(text: TextProvenance, tokenizer, batch_size: int, n_rows: int, skip: int = 0,
-                   pin: bool = False) -> Iterator[Batch]:
+                   pin: bool = False, progress: bool = True) -> Iterator[Batch]:
     """Batches of training windows up to exactly ``n_rows`` kept rows (the last batch trimmed).
 
     Batches whose rows all lie before ``skip`` (staged by an interrupted run) are not yielded; the one
@@ -61,7 +61,7 @@ def window_batches(text: TextProvenance, tokenizer, batch_size: int, n_rows: int
     ``sink.prefetch`` does it in the tokenizer thread.
     """
     rules, row, pend_idx, pend_win = text.rules, 0, np.zeros(0, dtype=np.int64), None
-    blocks = window_blocks(text.dataset, tokenizer, rules, block=max(256, 4 * batch_size))
+    blocks = window_blocks(text.dataset, tokenizer, rules, block=max(256, 4 * batch_size), progress=progress)
     for i0, wins in itertools.chain(blocks, [(None, None)]):
         if wins is not None:
             idx = np.arange(i0, i0 + len(wins), dtype=np.int64)
@@ -115,12 +115,13 @@ def _make_batch(idx, windows_BP, text: TextProvenance, row: int, n_rows: int, sk
                  row_pos=kept_idx % pos_len, row_start=row, n_rows=n)
 
 
-def check_rows_available(text: TextProvenance, tokenizer, n_rows: int, batch_size: int) -> None:
+def check_rows_available(text: TextProvenance, tokenizer, n_rows: int, batch_size: int, progress: bool = True
+                         ) -> None:
     """Fail before any LM work if a finite local dataset yields fewer than ``n_rows`` rows.
 
     The windows come from the token cache, so this tokenises the needed text once (reused by the run).
     """
     if text.dataset["kind"] == "hf":
         return  # streamed: a shortfall is reported when the stream ends (the store stays incomplete)
-    for _ in window_batches(text, tokenizer, batch_size, n_rows, skip=n_rows):
+    for _ in window_batches(text, tokenizer, batch_size, n_rows, skip=n_rows, progress=progress):
         pass

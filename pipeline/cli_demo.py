@@ -73,9 +73,8 @@ def demo(out, config_file, as_json, quiet, **flags):
     out = out if out is not None else file.out if file.out is not None else "demo"  # "" is refused, not "demo"
     try:
         check_output_dir(out, "OUT", holds="the demo folder (its store, runs and report) is")
-        fmt = {} if cfg.plot_format == "png" else {"plot_format": cfg.plot_format}  # png: run_demo's own default
         record = run_demo(out, preset=cfg.preset, dtype=cfg.dtype, device=cfg.device, model=cfg.model,
-                          dataset=cfg.dataset, progress=not quiet, **fmt)
+                          dataset=cfg.dataset, progress=not quiet, plot_format=cfg.plot_format)
     except domain_errors() as e:
         raise one_line(e) from None
     except KeyboardInterrupt:

@@ -105,9 +105,11 @@ def sweep_saes(preset: Preset, scales: dict[str, float]) -> list:
 
 
 def run_demo(out: str | Path, *, preset: str | Preset = "demo", dtype: str = "auto", device: str = "auto",
-             model: str = "smollm2-135m", dataset: str = "shakespeare", progress: bool = True) -> dict:
+             model: str = "smollm2-135m", dataset: str = "shakespeare", progress: bool = True,
+             plot_format: str = "png") -> dict:
     """Run (or continue, or confirm) the demo in `out`; returns what `demo.json` records. `preset` is a name in
-    `PRESETS` or a `Preset`; `model` and `dataset` take what `saeforge harvest` takes."""
+    `PRESETS` or a `Preset`; `model` and `dataset` take what `saeforge harvest` takes; the plots are
+    `plot_format` files (png, svg or pdf)."""
     from saeforge.pipeline.evaluate import EvalConfig, evaluate_runs
     from saeforge.pipeline.harvest import HarvestConfig, harvest
     from saeforge.pipeline.paths import check_output_dir
@@ -141,7 +143,7 @@ def run_demo(out: str | Path, *, preset: str | Preset = "demo", dtype: str = "au
     run_dirs = [sweep_dir / s.run_name for s in saes]
     ecfg = EvalConfig(tokens=p.eval_tokens, batch_size=p.eval_batch, device=device)  # in the store's dtype
     times.run("eval", lambda: evaluate_runs(run_dirs, ecfg, progress=progress))
-    plots = times.run("plots", lambda: plot_sweep(sweep_dir))
+    plots = times.run("plots", lambda: plot_sweep(sweep_dir, fmt=plot_format))
     record = {"preset": preset if isinstance(preset, str) else "custom", "model": model, "dataset": dataset,
               "config": asdict(p), "compute_dtype": compute,
               "device": str(resolve_device(device)), "cpu": cpu_name(), "stage_seconds": times.seconds,

@@ -239,7 +239,7 @@ def harvest_distributed(cfg, *, progress: bool = True):
         prov = harvest_provenance(cfg, facts, facts.hooks, record)
         if check_resumable(cfg.out, prov, cfg.storage_options):
             return record_result(cfg, facts.hooks, t0)
-        check_text(prov.text, facts.tokenizer, cfg)  # nothing under --out until the text is known good
+        check_text(prov.text, facts.tokenizer, cfg, progress)  # nothing under --out until the text is known good
         with open_writer(cfg, facts.dims, prov, progress) as writer:
             plan = writer.task_plan(cfg.task_batches)
             bar = progress_bar(cfg.tokens, desc="harvest (dask)", unit="tok", enabled=progress,

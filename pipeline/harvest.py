@@ -221,7 +221,7 @@ def harvest(cfg: HarvestConfig, *, lm=None, progress: bool = True,
     prov = harvest_provenance(cfg, lm, hooks, record)
     if check_resumable(cfg.out, prov, cfg.storage_options):  # complete, same provenance, no record: write it
         return record_result(cfg, hooks, t0)
-    check_text(prov.text, lm.tokenizer, cfg)
+    check_text(prov.text, lm.tokenizer, cfg, progress)
     dims = hook_dims(lm, hooks)
     writer = open_writer(cfg, dims, prov, progress)
     with writer as w:
@@ -255,11 +255,12 @@ def dataset_record(cfg: HarvestConfig) -> dict:
     return record
 
 
-def check_text(text, tokenizer, cfg: HarvestConfig) -> None:
-    """Before the store exists: a finite source holds ``cfg.tokens`` rows, a streamed one yields its first batch."""
-    check_rows_available(text, tokenizer, cfg.tokens, cfg.batch_size)
+def check_text(text, tokenizer, cfg: HarvestConfig, progress: bool = True) -> None:
+    """Before the store exists: a finite source holds ``cfg.tokens`` rows (tokenising it once into the token cache,
+    with a progress bar), a streamed one yields its first batch."""
+    check_rows_available(text, tokenizer, cfg.tokens, cfg.batch_size, progress=progress)
     if text.dataset["kind"] == "hf":
-        next(window_batches(text, tokenizer, cfg.batch_size, cfg.tokens), None)
+        next(window_batches(text, tokenizer, cfg.batch_size, cfg.tokens, progress=progress), None)
 
 
 def open_writer(cfg: HarvestConfig, dims: dict[str, int], prov: Provenance, progress: bool):

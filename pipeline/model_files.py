@@ -24,7 +24,7 @@ import torch
 
 from saeforge.pipeline.data import cache_dir
 from saeforge.pipeline.errors import ModelLoadError
-from saeforge.stores.files import sha256_file
+from saeforge.stores.files import current_umask, sha256_file
 
 OFFLINE_MODELS = {
     "smollm2-135m": {
@@ -118,6 +118,9 @@ def dequantised_dir(gguf: Path, hf_name: str | None) -> tuple[Path, str]:
         del model.config.quantization_config
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
+    mode = 0o666 & ~current_umask()  # safetensors writes 0600; the cache is as readable as the umask says
+    for p in tmp.iterdir():
+        p.chmod(mode)
     try:
         tmp.rename(target)  # atomic: a crashed dequantisation never leaves a half-written cache
     except OSError:  # another process won the race

@@ -131,8 +131,12 @@ def write_report(out: Path, record: dict) -> Path:
     lines += ["## Plots", ""]
     for p in record.get("plots", {}).get("plots", []):
         rel = Path(p).resolve().relative_to(out.resolve()) if Path(p).resolve().is_relative_to(out.resolve()) else p
-        if str(p).endswith(".png") and "density" not in str(p):
+        if "density" in str(p):
+            continue
+        if str(p).endswith((".png", ".svg")):  # images a Markdown viewer shows inline; a PDF is linked
             lines += [f"![{Path(p).stem}]({rel})", ""]
+        elif str(p).endswith(".pdf"):
+            lines += [f"[{Path(p).stem} (PDF)]({rel})", ""]
     (out / "claims.json").write_text(json.dumps({"claims": claims, "convergence": conv}, indent=1))
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -104,7 +104,7 @@ def token_chunks(record: dict, tokenizer, rules: WindowRules) -> Iterator[np.nda
     return tokenization.token_stream(iter_documents(record), tokenizer)
 
 
-def window_blocks(record: dict, tokenizer, rules: WindowRules, block: int = 512
+def window_blocks(record: dict, tokenizer, rules: WindowRules, block: int = 512, *, progress: bool = True
                   ) -> Iterator[tuple[int, np.ndarray]]:
     """(first_window_index, windows int64 (k, context_size)) over the whole stream, held-out windows included.
 
@@ -113,7 +113,7 @@ def window_blocks(record: dict, tokenizer, rules: WindowRules, block: int = 512
     """
     bos = tokenizer.bos_token_id
     _check_bos(rules, bos)
-    cache = tokenization.TokenCache.open(record, tokenizer)
+    cache = tokenization.TokenCache.open(record, tokenizer, progress=progress)
     if cache is None:
         windows = pack_windows(token_chunks(record, tokenizer, rules), rules, bos)
         i = 0

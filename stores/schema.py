@@ -175,5 +175,5 @@ def locate(path_or_url, storage_options: dict | None = None) -> Location:
             fs.dircache.use_listings_cache = False
             fs.dircache.clear()
         return Location(text.rstrip("/"), fs, root.rstrip("/"), False, opts or None)
-    local = os.path.abspath(text.removeprefix("file://"))
+    local = os.path.abspath(os.path.expanduser(text.removeprefix("file://")))  # `~` as the user means it
     return Location(local, fsspec.filesystem("file"), local, True)

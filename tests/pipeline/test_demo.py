@@ -1,6 +1,7 @@
 """The main job end to end on a tiny Llama: harvest (two sites, one pass) -> one multi-hook sweep -> eval ->
 plots -> report.md; a second run finds every stage complete and changes nothing."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,9 +38,12 @@ def test_demo_runs_every_stage_then_is_a_no_op(tmp_path, tiny_model_dir, corpus)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".safetensors", ".pt")
               or p.name in ("eval.json", "zarr.json")}
     second = run_demo(out, preset=TINY, dtype="float32", device="cpu", model=str(tiny_model_dir),
-                      dataset=str(corpus), progress=False)
+                      dataset=str(corpus), progress=False, plot_format="svg")
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # nothing recomputed or rewritten
     assert second["stage_seconds"]["sweep"] < first["stage_seconds"]["sweep"]
+    svgs = [p for p in second["plots"]["plots"] if p.endswith(".svg")]  # plots (cheap) are redrawn as asked
+    assert svgs and all(Path(p).read_text().lstrip().startswith(("<?xml", "<svg")) for p in svgs)
+    assert any(f"]({Path(p).relative_to(out)})" in (out / "report.md").read_text() for p in svgs)
 
 
 NO_CUDA = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")

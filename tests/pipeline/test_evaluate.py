@@ -288,7 +288,7 @@ def _cli(*args):
 
     from saeforge.pipeline.cli import main
 
-    return CliRunner().invoke(main, ["eval", "--quiet", "--device", "cpu", *map(str, args)])
+    return CliRunner().invoke(main, ["eval", "--quiet", "--json", "--device", "cpu", *map(str, args)])
 
 
 def test_cli_eval_then_plot(store_runs, tmp_path):

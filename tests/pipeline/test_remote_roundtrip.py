@@ -113,7 +113,7 @@ batch_size = 4
 device = "cpu"
 ''')
     for command in ("harvest", "sweep", "eval"):  # eval reads each run's training store, the URL in its cfg.json
-        res = cli(command, "--config", exp, "--quiet")
+        res = cli(command, "--config", exp, "--quiet", "--json")
         assert res.exit_code == 0, (command, res.output)
     assert len(json.loads(res.stdout)) == 2 and all((p / "eval.json").is_file() for p in (tmp_path / "sweep").iterdir()
                                                     if p.is_dir())

@@ -71,3 +71,16 @@ def test_progress_bar_goes_to_stderr_and_is_silent_when_disabled(capsys):
         bar.update(3)
     out = capsys.readouterr()
     assert out.out == "" and "shuffle+write" in out.err and "5/10" in out.err
+
+
+def test_the_python_api_expands_a_home_path_as_the_cli_does(tmp_path, monkeypatch):
+    """`open_store("~/acts")` from a notebook names the folder under the home directory, not one called `~`."""
+    from saeforge.stores import open_store
+    from saeforge.stores.schema import locate
+    from tests.stores.helpers import write_store
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_store(str(tmp_path / "acts"))
+    assert locate("~/acts").root == str(tmp_path / "acts")
+    assert open_store("~/acts").n_rows > 0
+    assert locate("memory://~/x").url == "memory://~/x"  # a URL is never expanded

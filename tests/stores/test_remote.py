@@ -72,7 +72,7 @@ def test_the_store_cli_takes_storage_options(s3):
 
     opts = json.dumps(s3.options)
     res = CliRunner().invoke(main, ["store", "verify", s3.url("cli"), "--storage-options", opts])
-    assert res.exit_code == 0 and res.output.startswith(f"ok: {s3.url('cli')}: 2,000 rows"), res.output
+    assert res.exit_code == 0 and res.stdout.startswith(f"ok: {s3.url('cli')}: 2,000 rows"), res.output
     res = CliRunner().invoke(main, ["store", "info", s3.url("cli"), "--json", "--storage-options", opts])
     assert res.exit_code == 0 and json.loads(res.output)["n_rows"] == 2000, res.output
     assert SECRET not in res.output

@@ -44,7 +44,7 @@ CASES = [  # (extra arguments, what the one line must name)
     pytest.param(["--device", "cuda:7"], ["cuda:7", "not available"], id="cuda7-without-cuda", marks=NO_CUDA),
     pytest.param(["--device", "bogus"], ["device 'bogus' (--device)"], id="device-bogus"),
     pytest.param(["--seed", -1], ["seed must be an integer in [0, 2**63), got -1"], id="seed-negative"),
-    pytest.param(["--data-seed", -1], ["data_seed must be an integer", "got -1"], id="data-seed-negative"),
+    pytest.param(["--data-seed", -1], ["--data-seed must be an integer", "got -1"], id="data-seed-negative"),
     pytest.param(["--out", ""], ["output directory is empty"], id="out-empty"),
     pytest.param(["--out", "memory://x"], ["--out memory://x", "local"], id="out-memory-url"),
     pytest.param(["--out", "s3://bucket/x"], ["--out s3://bucket/x", "local"], id="out-s3-url"),

@@ -123,7 +123,7 @@ def test_cli_train_flags_toml_and_bad_input(store, tmp_path):
     out = tmp_path / "cli_run"
     common = ["--store", store, "--hook", HOOK, "--steps", 10, "--batch-rows", BATCH, "--log-every", 5,
               "--resample-every", 0, "--device", "cpu", "--quiet"]
-    res = invoke("train", *common, "--arch", "baseline", "--d-sae", 24, "--l1", 0.01, "--out", out)
+    res = invoke("train", *common, "--arch", "baseline", "--d-sae", 24, "--l1", 0.01, "--out", out, "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["arch"] == "baseline"
     before = (out / "cfg.json").read_text()
@@ -142,7 +142,7 @@ def test_cli_train_flags_toml_and_bad_input(store, tmp_path):
     assert res.exit_code != 0 and "d_in=16" in res.output and "d_in=8" in res.output
     assert (out / "cfg.json").read_text() == before  # nothing overwritten
 
-    for bad, needle in [(["--l1", -1], "l1_coefficient"), (["--d-sae", 0], "d_sae"), (["--lr", 10], "lr")]:
+    for bad, needle in [(["--l1", -1], "--l1-coefficient"), (["--d-sae", 0], "--d-sae"), (["--lr", 10], "--lr")]:
         res = invoke("train", *common, *bad, "--out", tmp_path / "bad")
         assert res.exit_code != 0 and needle in res.output and "Traceback" not in res.output
     res = invoke("train", "--store", store, "--hook", "blocks.9.hook_resid_post", "--out", tmp_path / "bad")

@@ -35,3 +35,19 @@ def one_error_line(result, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+WORDS = ("to be or not that is the question whether tis nobler in the mind suffer slings and arrows of "
+         "outrageous fortune take arms against a sea troubles by opposing end them die sleep").split()
+
+
+def word_docs(directory: Path, n_docs: int, n_words: int, seed: int, words=WORDS) -> Path:
+    """``directory/docs.jsonl``: ``n_docs`` documents of ``n_words`` random words each (seeded, so reruns match)."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    path = directory / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words, n_words))}) for _ in range(n_docs)))
+    return path

@@ -3,10 +3,10 @@ plots -> report.md; a second run finds every stage complete and changes nothing.
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from saeforge.pipeline.demo import Preset, run_demo
+from tests.pipeline.helpers import word_docs
 
 WORDS = "to be or not that is the question whether tis nobler in mind suffer slings arrows".split()
 TINY = Preset(tokens=1200, layer=1, sites=("resid_post", "mlp_out"), heldout_every=4, context_size=24,
@@ -16,10 +16,7 @@ TINY = Preset(tokens=1200, layer=1, sites=("resid_post", "mlp_out"), heldout_eve
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo_corpus")
-    rng = np.random.default_rng(1)
-    (d / "docs.jsonl").write_text("\n".join(json.dumps({"text": " ".join(rng.choice(WORDS, 60))}) for _ in range(60)))
-    return d / "docs.jsonl"
+    return word_docs(tmp_path_factory.mktemp("demo_corpus"), 60, 60, seed=1, words=WORDS)
 
 
 def test_demo_runs_every_stage_then_is_a_no_op(tmp_path, tiny_model_dir, corpus):

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,23 +15,17 @@ from click.testing import CliRunner
 from saeforge.pipeline.cli import main
 from saeforge.pipeline.harvest import HarvestConfig, HarvestError, harvest
 from saeforge.stores import StoreIncomplete, open_store
-from tests.pipeline.helpers import one_error_line
+from tests.pipeline.helpers import one_error_line, word_docs
 from tests.stores.s3 import s3, s3_server  # noqa: F401
 
 distributed = pytest.importorskip("distributed")
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_mlp_out")
-WORDS = ("to be or not that is the question whether tis nobler in the mind suffer slings and arrows of "
-         "outrageous fortune take arms against a sea troubles by opposing end them die sleep").split()
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(1)
-    (d / "docs.jsonl").write_text("\n".join(json.dumps({"text": " ".join(rng.choice(WORDS, 60))})
-                                            for _ in range(60)))
-    return d / "docs.jsonl"
+    return word_docs(tmp_path_factory.mktemp("corpus"), 60, 60, seed=1)
 
 
 @pytest.fixture(scope="module")

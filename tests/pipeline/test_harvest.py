@@ -21,20 +21,15 @@ from saeforge.pipeline.harvest import HarvestConfig, HarvestError, harvest
 from saeforge.pipeline.lm import load_lm
 from saeforge.pipeline.provenance import Provenance
 from saeforge.stores import StoreIncomplete, open_store, read_run_record
+from tests.pipeline.helpers import word_docs
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.attn.hook_z")
-WORDS = ("to be or not that is the question whether tis nobler in the mind suffer slings and arrows of "
-         "outrageous fortune take arms against a sea troubles by opposing end them die sleep").split()
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Forty short documents of random words (no repeated runs, so a leak would show)."""
-    d = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    (d / "docs.jsonl").write_text("\n".join(json.dumps({"text": " ".join(rng.choice(WORDS, 40))})
-                                            for _ in range(40)))
-    return d / "docs.jsonl"
+    return word_docs(tmp_path_factory.mktemp("corpus"), 40, 40, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -304,6 +304,6 @@ def test_demo_takes_out_and_its_table_from_the_file(tmp_path, monkeypatch):
     res = invoke("demo", "--config", toml, "--device", "cpu", "--quiet")
     assert res.exit_code == 0, res.output
     assert seen == {"out": str(tmp_path / "d"), "preset": "study", "dtype": "float32", "device": "cpu",
-                    "model": "smollm2-135m", "dataset": "shakespeare", "progress": False}
+                    "model": "smollm2-135m", "dataset": "shakespeare", "progress": False, "plot_format": "png"}
     res = invoke("demo", "--config", toml, "--format", "svg", "--dtype", "fp16", "--quiet")
     assert res.exit_code == 0 and (seen["plot_format"], seen["dtype"]) == ("svg", "float16"), res.output

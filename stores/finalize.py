@@ -24,6 +24,7 @@ import os
 import secrets
 import signal
 from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, NamedTuple
@@ -63,7 +64,8 @@ class FinalizeOptions:
     so that the tasks fit in ``memory_limit_bytes`` together."""
     executor: Literal["threads", "processes"] | None = None
     """What runs the tasks when ``close()`` is given no executor: a pool of threads or of processes; None =
-    ``DEFAULT_EXECUTOR`` (threads for a ``memory://`` store, which other processes cannot see)."""
+    ``DEFAULT_EXECUTOR`` (threads for a ``memory://`` store, which other processes cannot see). Processes are
+    spawned and import the main script: a script keeps its work under ``if __name__ == '__main__':``."""
 
     def __post_init__(self):
         problems = []
@@ -76,7 +78,8 @@ class FinalizeOptions:
 
     def resolved(self, loc: Location) -> tuple[int, str]:
         """(workers, executor kind) for a store at ``loc``."""
-        shared = loc.is_local or "memory" not in _protocols(loc.fs)
+        protocols = (loc.fs.protocol,) if isinstance(loc.fs.protocol, str) else tuple(loc.fs.protocol)
+        shared = loc.is_local or "memory" not in protocols
         if self.executor == "processes" and not shared:
             raise InvalidInput(f"{loc.url}: finalize_executor='processes' cannot write a memory:// store (each "
                                "process has its own memory filesystem); use 'threads'")
@@ -208,8 +211,7 @@ def _fill(segments: Iterator[Segment], sizes: list[int], ctx: ShuffleContext) ->
 
 
 def _next(segments: Iterator[Segment], ctx: ShuffleContext) -> Segment:
-    segment = next(segments, None)
-    if segment is None:
+    if (segment := next(segments, None)) is None:
         raise StoreError(f"{ctx.loc.url}: the staged buckets end before the shards do; the staging is damaged: "
                          "delete the store and write it again")
     return segment
@@ -311,34 +313,30 @@ def run(job: FinalizeJob, files: list[StagedFile], options: FinalizeOptions, exe
     if not pending:
         return
     workers = workers_for(job, files, len(pending), options, auto=options.workers in (None, 0) and executor is None)
-    kind = options.resolved(job.loc)[1]
     tasks = plan(job, files, pending, workers)
-    if executor is None and workers == 1:
-        for task in tasks:
-            write_shards(job, task, on_rows)
-        return
     if executor is not None:
         _run_on(executor, job, tasks, workers, on_rows, done)
-        return
-    with local_executor(kind, workers) as pool:
-        _run_on(pool, job, tasks, workers, on_rows, done)
+    elif workers == 1:
+        for task in tasks:
+            write_shards(job, task, on_rows)
+    else:
+        with local_executor(options.resolved(job.loc)[1], workers) as pool:
+            _run_on(pool, job, tasks, workers, on_rows, done)
 
 
 def prepare(job: FinalizeJob) -> None:
     """Clear what stopped or killed tasks left (no task runs now: the writer holds the lock)."""
-    fs = job.loc.fs
     for leftover in (f"{job.state_dir}/{SCRATCH}", job.stop):
-        if fs.exists(leftover):
-            fs.rm(leftover, recursive=True)
-    fs.makedirs(f"{job.state_dir}/{SHARDS}", exist_ok=True)
+        if job.loc.fs.exists(leftover):
+            job.loc.fs.rm(leftover, recursive=True)
+    job.loc.fs.makedirs(f"{job.state_dir}/{SHARDS}", exist_ok=True)
 
 
 def _run_on(executor: Executor, job: FinalizeJob, tasks: list[ShardTask], workers: int,
             on_rows: Callable[[int], None], seen: set[int]) -> None:
     """At most ``workers`` tasks in flight. The first failure (or an interrupt) stops the others at their next
     shard and returns once none runs: nothing writes into the store after the writer gives up its lock."""
-    queue, running = list(reversed(tasks)), {}
-    seen = set(seen)
+    queue, running, seen = list(reversed(tasks)), {}, set(seen)
     try:
         while queue or running:
             while queue and len(running) < workers:
@@ -351,7 +349,7 @@ def _run_on(executor: Executor, job: FinalizeJob, tasks: list[ShardTask], worker
                 on_rows(sum(job.size_of(k) for k in new))
             for future in finished:
                 del running[future]
-                future.result()  # a task's error is the writer's
+                _result(future, job)  # a task's error is the writer's
     except BaseException:
         if running:
             with suppress(OSError):  # a full disk: the running tasks then end their whole task
@@ -361,6 +359,26 @@ def _run_on(executor: Executor, job: FinalizeJob, tasks: list[ShardTask], worker
         for future in running:
             future.cancel()
         wait(running)
+
+
+def _result(future, job: FinalizeJob) -> None:
+    try:
+        future.result()
+    except BrokenProcessPool as e:
+        raise StoreError(f"{job.loc.url}: a finalize worker process died ({e}); the store is incomplete and "
+                         "resumable. If it died starting, the script that runs the writer must keep its work under "
+                         "`if __name__ == '__main__':` (each worker process imports it), or pass "
+                         "finalize_executor='threads'; if it was killed (out of memory?), lower finalize_workers "
+                         "and rerun") from e
+
+
+def refuse_in_worker_bootstrap(path_or_url) -> None:
+    """A worker process imports the main script before it runs a task; a script whose work is not under
+    ``if __name__ == '__main__':`` would start another writer there: refuse it before it writes anything."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # set while spawn imports __main__
+        raise StoreError(f"{path_or_url}: a StoreWriter was opened while a finalize worker process imported the "
+                         "main script; put the script's work under `if __name__ == '__main__':`, or pass "
+                         "finalize_executor='threads'")
 
 
 @contextmanager
@@ -401,8 +419,3 @@ def combined_stats(job: FinalizeJob) -> StatsAccumulator:
                              f"({job.record(k)}); rerun the same command to write it")
         total.merge(StatsAccumulator.from_json(record["stats"]))
     return total
-
-
-def _protocols(fs) -> tuple[str, ...]:
-    p = fs.protocol
-    return (p,) if isinstance(p, str) else tuple(p)

@@ -47,6 +47,7 @@ class StoreWriter:
                  shard_chunks: int = schema.SHARD_CHUNKS, progress: bool = False,
                  storage_options: dict | None = None, finalize_workers: int | None = None,
                  finalize_executor: str | None = None):
+        finalize.refuse_in_worker_bootstrap(path_or_url)
         self.finalize = finalize.FinalizeOptions(workers=finalize_workers, executor=finalize_executor)
         self.spec = WriterSpec.build(hooks=hooks, dtype=dtype, seed=seed, expected_rows=expected_rows,
                                      provenance=provenance or {}, memory_limit_bytes=memory_limit_bytes,

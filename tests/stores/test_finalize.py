@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from saeforge.stores import InvalidInput, StoreError, StoreWriter, finalize, open_store, verify_store
-from saeforge.stores.schema import STATE_DIR
 
 from .helpers import stream
 
@@ -258,3 +257,33 @@ def test_workers_are_what_fits_and_by_default_what_the_rows_make_worth_it(monkey
     assert workers(300_000, workers=2) == 2  # asked for: given
     assert workers(2_000_000, workers=8) == 3  # never more than fit in memory
     assert workers(100_000, workers=8) == 2  # nor than there are shards
+
+
+SCRIPT = """
+import numpy as np
+from saeforge.stores import StoreWriter
+
+def write(path):
+    hooks = {"a": 12, "b": 8}
+    with StoreWriter(path, hooks, dtype="float32", seed=5, expected_rows=None, memory_limit_bytes=256 << 10,
+                     chunk_rows=32, shard_chunks=4, finalize_workers=2, finalize_executor="processes") as w:
+        rng = np.random.default_rng(0)
+        if w.rows_staged == 0:  # a rerun resumes
+            w.append({h: rng.standard_normal((4000, d)).astype(np.float32) for h, d in hooks.items()})
+"""
+
+
+def test_a_script_without_a_main_guard_gets_one_clear_error_and_a_resumable_store(tmp_path):
+    import subprocess
+    import sys
+
+    script, store = tmp_path / "script.py", tmp_path / "s"
+    script.write_text(SCRIPT + f"\nwrite({str(store)!r})\n")  # no `if __name__ == '__main__':`
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("saeforge.stores.errors.StoreError") and "if __name__ == '__main__':" in last, last
+    assert "opened while a finalize worker process imported the main script" in proc.stderr  # the worker's own
+    script.write_text(SCRIPT + f"\nif __name__ == '__main__':\n    write({str(store)!r})\n")
+    assert subprocess.run([sys.executable, str(script)], capture_output=True, timeout=120).returncode == 0
+    assert open_store(store).n_rows == 4000 and verify_store(store).ok

@@ -306,6 +306,8 @@ class StoreWriter:
         p.pop("stats_acc", None)  # the running sums of writers before shard records
         p["rows_written"] = sum(job.size_of(k) for k in finalize.committed_shards(job))
         self._commit()
+        if p["rows_written"] == p["n_rows"]:  # all written (then the staged files may be gone already)
+            return
         with progress_bar(p["n_rows"], initial=p["rows_written"], desc="shuffle+write", unit="row",
                           enabled=self.progress_bar) as bar:
             def on_rows(n: int) -> None:

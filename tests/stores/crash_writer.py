@@ -7,7 +7,8 @@ KILL_AT makes it SIGKILL itself at a chosen point instead of at a random time:
 ``create`` (the first zarr.json written to its temporary file, not yet renamed), ``lock`` (the lock written to
 its temporary file, not yet linked), ``shard:K`` (in the write phase, the K-th shard that this process, or with
 ``--executor processes`` one worker process, has written but not yet committed: the worker kills the writer and
-itself), ``completed`` (just after the completion record).
+itself), ``completing`` (every shard written and the staged files removed, the completion record not yet
+written), ``completed`` (just after the completion record).
 """
 import os
 import signal
@@ -79,10 +80,12 @@ def arm(kill_at: str, executor: str) -> None:
             os.environ[KILL_ENV] = kill_at  # armed in each worker when it imports this file
         else:
             arm_shard(int(kill_at.split(":")[1]), die)
-    elif kill_at == "completed":
+    elif kill_at in ("completing", "completed"):
         write_attrs = writer.write_group_attrs
 
         def write_then_die(loc, attrs):
+            if attrs.is_complete and kill_at == "completing":
+                die()
             write_attrs(loc, attrs)
             if attrs.is_complete:
                 die()

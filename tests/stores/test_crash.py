@@ -186,6 +186,14 @@ def test_killed_while_creating_the_store_then_resumed(tmp_path, reference, kill_
     assert not [p for p in path.rglob("*.tmp")]
 
 
+def test_killed_just_before_the_completion_record_then_resumed(tmp_path, reference):
+    path = tmp_path / "store"
+    assert run_until(path, "completing") == -signal.SIGKILL
+    assert len(committed(path)) == 32 and not (path / STATE_DIR / "stage").exists()  # all written, input gone
+    assert run_writer(path)[0] == 0  # writes the completion record from the shards' records alone
+    assert_same_store(path, reference[0])
+
+
 def test_killed_just_after_the_completion_record_leaves_nothing_for_good(tmp_path, reference):
     import warnings
 

@@ -13,6 +13,7 @@ written), ``completed`` (just after the completion record).
 import os
 import signal
 import sys
+import threading
 
 import numpy as np
 
@@ -55,13 +56,14 @@ def arm_shard(k: int, kill) -> None:
     """``kill()`` at the k-th shard commit of this process: its rows are in the arrays, its record is not."""
     from saeforge.stores import finalize
 
-    left, commit = [k], finalize.commit_shard
+    left, commit, lock = [k], finalize.commit_shard, threading.Lock()
 
     def commit_or_die(*args, **kw):
-        left[0] -= 1
-        if left[0] == 0:
-            kill()
-        commit(*args, **kw)
+        with lock:  # in a pool of threads: the k-1 commits before are done when the k-th kills
+            left[0] -= 1
+            if left[0] == 0:
+                kill()
+            commit(*args, **kw)
 
     finalize.commit_shard = commit_or_die
 

@@ -10,9 +10,10 @@ trainer and pipeline share: ``stores.files`` (atomic writes, JSON, sha256), ``st
 progress bar), ``stores.background`` (the prefetching thread) and ``schema.hook_layer``.
 
 Modules: schema (format, dtypes, codecs) · attrs (typed group attributes) · errors · spec (writer settings)
-· writer · staging · hashing · shuffle · lock · tidy (what a killed writer leaves) · stats · reader · strict
-(no fill values for absent chunks) · integrity (the check on open) · records (run records) · plan · chunkread
-· loader · verify · cli · files · progress · background.
+· writer · staging · hashing · shuffle · finalize (the second pass as shard tasks) · tasks (rows staged by the
+tasks of a distributed harvest) · lock · tidy (what a killed writer leaves) · stats · reader · strict (no fill
+values for absent chunks) · integrity (the check on open) · records (run records) · remote (failures of stores
+at URLs) · plan · chunkread · loader · verify · cli · files · progress · background.
 """
 from saeforge.stores.attrs import ChunkLayout, Completion, HookStats, ShuffleParams, StoreAttrs
 from saeforge.stores.errors import (ChecksumError, DiskFull, HookNotInStore, InvalidInput, SchemaMismatch,

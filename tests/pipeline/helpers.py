@@ -51,3 +51,13 @@ def word_docs(directory: Path, n_docs: int, n_words: int, seed: int, words=WORDS
     path = directory / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words, n_words))}) for _ in range(n_docs)))
     return path
+
+
+def text_docs(directory: Path, words: list[str], n_docs: int = 4, n_words: int = 300, seed: int = 0) -> Path:
+    """``directory/doc{i}.txt``: ``n_docs`` plain-text documents of ``n_words`` random ``words`` (seeded)."""
+    import random
+
+    rng = random.Random(seed)
+    for i in range(n_docs):
+        (directory / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(n_words)))
+    return directory

@@ -10,7 +10,6 @@ directly on the store's held-out text; what saeforge cannot compute is one line 
 from __future__ import annotations
 
 import json
-import random
 from itertools import islice
 
 import numpy as np
@@ -20,7 +19,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from saeforge.pipeline.cli import main
-from tests.pipeline.helpers import one_error_line
+from tests.pipeline.helpers import one_error_line, text_docs
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_mlp_out")
 D_IN, D_SAE = 64, 96
@@ -35,9 +34,7 @@ def cli(*args):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("saelens_eval")
-    rng = random.Random(0)
-    for i in range(4):
-        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(300)))
+    text_docs(root, WORDS)
     res = cli("harvest", "--quiet", "--model", tiny_model_dir, "--dataset", root, "--hooks", ",".join(HOOKS),
               "--tokens", 600, "--context-size", CTX, "--heldout-every", 4, "--device", "cpu", "--lm-dtype", "float32",
               "--store-dtype", "float32", "--out", root / "store")

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from saeforge.pipeline.cli import main
 from saeforge.stores import open_store
 from tests.conftest import build_tiny_tokenizer
-from tests.pipeline.helpers import one_error_line
+from tests.pipeline.helpers import one_error_line, text_docs
 
 SITES = ("resid_post", "mlp_out", "attn_out")
 HOOKS = [f"blocks.{layer}.hook_{site}" for layer in (0, 1) for site in SITES]
@@ -50,12 +50,7 @@ def gpt2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, gpt2):
-    import random
-
-    root = tmp_path_factory.mktemp("gpt2_store")
-    rng = random.Random(0)
-    for i in range(4):
-        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(300)))
+    root = text_docs(tmp_path_factory.mktemp("gpt2_store"), WORDS)
     res = cli("harvest", "--quiet", "--model", gpt2, "--dataset", root, "--layers", "0,1", "--sites", ",".join(SITES),
               "--tokens", 800, "--context-size", 16, "--heldout-every", 4, "--device", "cpu", "--lm-dtype", "float32",
               "--store-dtype", "float32", "--out", root / "store", "--json")

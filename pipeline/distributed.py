@@ -100,21 +100,16 @@ def describe_lm(model: str, device: str, dtype: str, hooks: list, layers: list, 
 
 def harvest_task(task: int, row_start: int, batches: list, hooks: list, loc, spec, lm_key: tuple) -> dict:
     """(on a worker) Run the LM over one task's batches and stage their rows; returns the committed manifest."""
-    import torch
-
-    from saeforge.pipeline.lm import capture
-    from saeforge.pipeline.sink import _kept_rows
+    from saeforge.pipeline.lm import DTYPES, capture
+    from saeforge.pipeline.sink import batch_rows
     from saeforge.stores.tasks import TaskStager
 
     lm = worker_lm(*lm_key)
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[spec.dtype]
     stager = TaskStager(loc, spec, task, row_start)
     for b in batches:
-        acts = capture(lm, b.windows, hooks)
-        every = len(b.kept_idx) == b.windows.numel()
-        idx = None if every else b.kept_idx.to(lm.device)
-        rows = {h: _kept_rows(a, idx).to(dtype).cpu() for h, a in acts.items()}
-        stager.add(rows, token_ids=b.row_token_ids, seq_idx=b.row_seq, pos=b.row_pos)
+        rows = batch_rows(capture(lm, b.windows, hooks), b, DTYPES[spec.dtype])
+        stager.add({h: r.cpu() for h, r in rows.items()}, token_ids=b.row_token_ids, seq_idx=b.row_seq,
+                   pos=b.row_pos)
     manifest = stager.commit()
     return {**manifest.to_json(), "passes": len(batches), "tokens": int(sum(b.windows.numel() for b in batches))}
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from saeforge.pipeline.lm import DTYPES
+
 if TYPE_CHECKING:
     from saeforge.pipeline.batches import Batch
 
@@ -31,7 +33,7 @@ class AsyncSink:
     def __init__(self, writer, device: str, store_dtype: str, depth: int, bar=None):
         self.writer, self.device, self.bar = writer, torch.device(device), bar
         self.cuda = self.device.type == "cuda"
-        self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[store_dtype]
+        self.dtype = DTYPES[store_dtype]
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.free: queue.Queue = queue.Queue()
         self.slots: list[dict[str, torch.Tensor]] = [{} for _ in range(depth + 1)]
@@ -57,9 +59,7 @@ class AsyncSink:
         every = n == b.windows.numel()  # kept_idx is ascending: all of them means the identity
         meta = {"token_ids": b.row_token_ids, "seq_idx": b.row_seq, "pos": b.row_pos}
         if not self.cuda:
-            rows = {h: _kept_rows(acts_BPD, None if every else b.kept_idx).to(self.dtype)
-                    for h, acts_BPD in acts.items()}
-            self.queue.put((None, None, rows, meta, n))
+            self.queue.put((None, None, batch_rows(acts, b, self.dtype), meta, n))
             return
         idx_dev = None if every else b.kept_idx.to(self.device, non_blocking=True)
         slot = self.free.get()
@@ -101,6 +101,13 @@ class AsyncSink:
         self.thread.join()
         if self.error is not None:
             raise self.error
+
+
+def batch_rows(acts: dict[str, torch.Tensor], b: Batch, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """{hook: (rows, d)}: the rows ``b`` keeps of each hook's (batch, pos, d) activations, in ``dtype``, on the
+    activations' device (a view, before the cast, when every position is kept)."""
+    every = len(b.kept_idx) == b.windows.numel()  # kept_idx is ascending: all of them means the identity
+    return {h: _kept_rows(a, None if every else b.kept_idx.to(a.device)).to(dtype) for h, a in acts.items()}
 
 
 def _kept_rows(acts_BPD: torch.Tensor, kept_idx: torch.Tensor | None) -> torch.Tensor:

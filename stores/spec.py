@@ -101,6 +101,13 @@ class WriterSpec:
     def row_bytes(self) -> int:
         return _row_bytes(self.hooks, np.dtype(schema.STORAGE_DTYPE.get(self.dtype, np.float32)).itemsize)
 
+    def shuffle_context(self, loc: schema.Location):
+        """The two-pass shuffle's settings for this spec's store at ``loc`` (sub-buckets in its writer state)."""
+        from saeforge.stores.shuffle import ShuffleContext
+
+        return ShuffleContext(loc, self.fields(), self.seed, self.stage_rows, self.bucket_max_rows,
+                              loc.sub(schema.STATE_DIR, "sub"))
+
     def fields(self) -> list[Field]:
         storage = np.dtype(schema.STORAGE_DTYPE[self.dtype])
         return [Field(h, storage, (d,)) for h, d in self.hooks.items()] + [

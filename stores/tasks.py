@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from saeforge.stores.files import read_json, write_json_atomic
 from saeforge.stores.schema import STATE_DIR, Location
-from saeforge.stores.shuffle import ShuffleContext, Stager
+from saeforge.stores.shuffle import Stager
 from saeforge.stores.spec import WriterSpec
 from saeforge.stores.staging import StagedFile, read_counts
 
@@ -51,9 +51,7 @@ class TaskStager:
         self.attempt = f"t{task:07d}-{secrets.token_hex(4)}"
         directory = loc.sub(TASKS_DIR, self.attempt)
         loc.fs.makedirs(directory, exist_ok=True)
-        ctx = ShuffleContext(loc, spec.fields(), spec.seed, spec.stage_rows, spec.bucket_max_rows,
-                             loc.sub(STATE_DIR, "sub"))
-        self.stager = Stager(ctx, directory, spec.n_buckets, (0,), next_index=row_start)
+        self.stager = Stager(spec.shuffle_context(loc), directory, spec.n_buckets, (0,), next_index=row_start)
 
     def add(self, acts: dict, *, token_ids, seq_idx, pos) -> None:
         """Rows in stream order, as ``StoreWriter.append`` takes them."""

@@ -168,9 +168,7 @@ class StoreWriter:
                 "it committed")
 
     def _ctx(self) -> ShuffleContext:
-        s = self.spec
-        return ShuffleContext(self.loc, s.fields(), s.seed, s.stage_rows, s.bucket_max_rows,
-                              f"{self._state_dir}/sub")
+        return self.spec.shuffle_context(self.loc)
 
     def _make_stager(self) -> Stager:
         def on_flush(sf):

@@ -3,6 +3,7 @@
 (:class:`UserPath`), ``--json``, ``--quiet`` and ``--threads`` (:func:`common_options`)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -93,13 +94,17 @@ def threads_option(envvar: str | None = None):
                         expose_value=False, help=THREADS_HELP)
 
 
-def _enter_quiet(ctx, param, value):
-    """--quiet's callback: the command runs inside ``stores.progress.quiet`` (closed with its context)."""
-    if value:
+def _run_quiet(fn):
+    """The command body runs inside ``stores.progress.quiet`` when it is given ``--quiet``: entered when the
+    command is invoked, not while its options are parsed, so a later option that fails to parse leaves nothing
+    silenced behind (a process that goes on, a notebook or a test runner, keeps its own settings)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
         from saeforge.stores.progress import quiet
 
-        ctx.with_resource(quiet())
-    return value
+        with quiet(bool(kwargs.get("quiet"))):
+            return fn(*args, **kwargs)
+    return run
 
 
 QUIET_HELP = ("No progress bars, and no log lines or bars from transformers, datasets, huggingface_hub or wandb; "
@@ -111,9 +116,10 @@ def common_options(*, as_json: bool = True):
     summary), ``--quiet`` (the command receives it, and runs silenced) and ``--threads`` (handled here)."""
     decos = [click.option("--json", "as_json", is_flag=True,
                           help="Print the result as one JSON document instead of a summary.")] if as_json else []
-    decos += [click.option("--quiet", is_flag=True, callback=_enter_quiet, help=QUIET_HELP), threads_option()]
+    decos += [click.option("--quiet", is_flag=True, help=QUIET_HELP), threads_option()]
 
     def apply(fn):
+        fn = _run_quiet(fn)
         for deco in reversed(decos):
             fn = deco(fn)
         return fn

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from saeforge.pipeline.cli import main
-from saeforge.stores.progress import is_quiet
+from saeforge.stores.progress import QUIET_ENV, is_quiet
 from saeforge.trainer.sae import make_sae
 from saeforge.trainer.saelens_files import save_sae
 
@@ -113,7 +113,7 @@ CLICK_PREAMBLE = ("Usage: ", "Try '")
 @pytest.mark.parametrize("args, needle", CASES)
 def test_bad_input_is_one_error_line(args, needle, paths, tmp_path):
     argv = [paths.get(a, a.replace("DIR/", paths["DIR"] + "/")) for a in args]
-    env_before = dict(os.environ)
+    env_before = {k: os.environ.get(k) for k in QUIET_ENV}  # what --quiet sets while a command runs
     r = CliRunner().invoke(main, argv)
     assert not isinstance(r.exception, Loaded), f"{argv}: a model loaded or training started"
     assert r.exit_code not in (0, None) and isinstance(r.exception, SystemExit), (r.exception, r.output)
@@ -121,4 +121,5 @@ def test_bad_input_is_one_error_line(args, needle, paths, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in r.output, r.output
     assert needle is None or needle in lines[0], lines[0]
     assert not any(p.name.endswith(":") for p in tmp_path.rglob("*")), "a URL became a local folder"
-    assert not is_quiet() and dict(os.environ) == env_before, f"{argv}: --quiet outlived the failed command"
+    env_after = {k: os.environ.get(k) for k in QUIET_ENV}
+    assert not is_quiet() and env_after == env_before, f"{argv}: --quiet outlived the failed command"

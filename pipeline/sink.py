@@ -56,16 +56,14 @@ class AsyncSink:
         n = len(b.kept_idx)
         if n == 0:
             return
-        every = n == b.windows.numel()  # kept_idx is ascending: all of them means the identity
         meta = {"token_ids": b.row_token_ids, "seq_idx": b.row_seq, "pos": b.row_pos}
+        rows = batch_rows(acts, b, self.dtype)
         if not self.cuda:
-            self.queue.put((None, None, batch_rows(acts, b, self.dtype), meta, n))
+            self.queue.put((None, None, rows, meta, n))
             return
-        idx_dev = None if every else b.kept_idx.to(self.device, non_blocking=True)
         slot = self.free.get()
         bufs = self.slots[slot]
-        for h, acts_BPD in acts.items():
-            rows_ND = _kept_rows(acts_BPD, idx_dev).to(self.dtype)
+        for h, rows_ND in rows.items():
             buf = bufs.get(h)
             if buf is None or buf.shape[0] < n or buf.shape[1:] != rows_ND.shape[1:]:
                 buf = bufs[h] = torch.empty((b.windows.numel(), *rows_ND.shape[1:]), dtype=self.dtype,
@@ -107,7 +105,8 @@ def batch_rows(acts: dict[str, torch.Tensor], b: Batch, dtype: torch.dtype) -> d
     """{hook: (rows, d)}: the rows ``b`` keeps of each hook's (batch, pos, d) activations, in ``dtype``, on the
     activations' device (a view, before the cast, when every position is kept)."""
     every = len(b.kept_idx) == b.windows.numel()  # kept_idx is ascending: all of them means the identity
-    return {h: _kept_rows(a, None if every else b.kept_idx.to(a.device)).to(dtype) for h, a in acts.items()}
+    idx = None if every else b.kept_idx.to(next(iter(acts.values())).device, non_blocking=True)  # once, not per hook
+    return {h: _kept_rows(a, idx).to(dtype) for h, a in acts.items()}
 
 
 def _kept_rows(acts_BPD: torch.Tensor, kept_idx: torch.Tensor | None) -> torch.Tensor:

@@ -23,7 +23,7 @@ from saeforge.stores.files import read_json, write_json_atomic
 from saeforge.stores.lock import acquire_lock, release_lock
 from saeforge.stores.progress import progress_bar
 from saeforge.stores.remote import check_remote
-from saeforge.stores.shuffle import ShuffleContext, Stager
+from saeforge.stores.shuffle import Stager
 from saeforge.stores.spec import WriterSpec, create_arrays
 from saeforge.stores.staging import StagedFile, read_counts
 from saeforge.stores.tasks import TASKS_DIR, TaskManifest
@@ -167,16 +167,13 @@ class StoreWriter:
                 f"{need}{free}. Free some space, then rerun the same command: it resumes from the last step "
                 "it committed")
 
-    def _ctx(self) -> ShuffleContext:
-        return self.spec.shuffle_context(self.loc)
-
     def _make_stager(self) -> Stager:
         def on_flush(sf):
             self._progress.update(n_files=self._progress["n_files"] + 1,
                                   rows_staged=self._progress["rows_staged"] + sf.n_rows)
             self._commit()
 
-        return Stager(self._ctx(), f"{self._state_dir}/stage", self.spec.n_buckets, (0,),
+        return Stager(self.spec.shuffle_context(self.loc), f"{self._state_dir}/stage", self.spec.n_buckets, (0,),
                       next_index=self._progress["rows_staged"], n_files=self._progress["n_files"],
                       on_flush=on_flush)
 
